@@ -1,0 +1,1 @@
+"""mapo-ray: RL for vision-language models on Ray, with MAPO advantages."""

@@ -1,0 +1,233 @@
+"""Policy losses, KL estimators and DAPO's reward shaping, as pure tensor functions.
+
+Shapes: N responses, L response tokens (right padded), V vocabulary entries.
+``response_mask`` (N, L) is 1 (or True) on real response tokens.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Literal
+
+import torch
+
+from mapo_ray.algo.advantage import group_stats
+from mapo_ray.algo.registry import Registry
+
+if TYPE_CHECKING:
+    from mapo_ray.config import AlgoConfig
+
+AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+
+# exp() of a log-ratio beyond this overflows float32 and carries no signal.
+_MAX_LOG_RATIO = 20.0
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Scalar mean of ``values`` (N, L) over the entries where ``mask`` (N, L) is set; 0 if none."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def aggregate_loss(
+    loss_mat: torch.Tensor, mask: torch.Tensor, mode: AggMode, *, norm_length: float | None = None
+) -> torch.Tensor:
+    """Reduce a (N, L) per-token loss to a scalar.
+
+    - ``token-mean``: mean over every unmasked token of the batch.
+    - ``seq-mean-token-mean``: mean over tokens within each response, then over
+      responses that have at least one token.
+    - ``seq-mean-token-sum-norm`` (Dr. GRPO): each response's token sum divided by
+      the constant ``norm_length`` (default L), then the mean over responses.
+    """
+    mask = mask.to(loss_mat.dtype)
+    if mode == "token-mean":
+        return masked_mean(loss_mat, mask)
+    token_sums = (loss_mat * mask).sum(-1)
+    if mode == "seq-mean-token-mean":
+        lengths = mask.sum(-1)
+        has_tokens = lengths > 0
+        per_seq = token_sums / lengths.clamp_min(1.0)
+        return (per_seq * has_tokens).sum() / has_tokens.sum().clamp_min(1)
+    if mode == "seq-mean-token-sum-norm":
+        return (token_sums / (norm_length or loss_mat.shape[-1])).mean()
+    raise ValueError(f"unknown loss aggregation mode {mode!r}")
+
+
+def _clipped_surrogate(
+    log_ratio: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float,
+    clip_high: float,
+    dual_clip_c: float | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(N, L) PPO loss ``max(-A r, -A clip(r, 1-low, 1+high))``, dual-clipped at ``-A c`` for A < 0."""
+    ratio = torch.exp(log_ratio.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    loss = torch.maximum(unclipped, clipped)
+    metrics = {"clip_frac": masked_mean((clipped > unclipped).float(), mask)}
+    if dual_clip_c is not None:
+        # For A < 0 a huge ratio would make the loss unbounded; cap it at -A c.
+        bound = -advantages * dual_clip_c
+        negative = advantages < 0
+        metrics["dual_clip_frac"] = masked_mean((negative & (loss > bound)).float(), mask)
+        loss = torch.where(negative, torch.minimum(loss, bound), loss)
+    return loss, metrics
+
+
+PolicyLoss = Callable[..., "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
+POLICY_LOSSES: Registry[PolicyLoss] = Registry("policy loss")
+
+
+@POLICY_LOSSES.register("ppo")
+def ppo_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip_c: float | None = 3.0,
+    agg_mode: AggMode = "token-mean",
+    norm_length: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Token-level PPO clipped surrogate with clip-higher and dual-clip.
+
+    Args: ``log_prob``, ``old_log_prob``, ``advantages``, ``response_mask``, all (N, L).
+    Returns: the scalar loss and scalar metrics ``clip_frac``, ``dual_clip_frac``
+    and ``approx_kl`` (mean of old - new log-prob, the k1 estimate of KL(old || new)).
+    """
+    log_ratio = log_prob - old_log_prob
+    loss_mat, metrics = _clipped_surrogate(
+        log_ratio, advantages, response_mask, clip_low, clip_high, dual_clip_c
+    )
+    metrics["approx_kl"] = masked_mean(-log_ratio.detach(), response_mask)
+    return aggregate_loss(loss_mat, response_mask, agg_mode, norm_length=norm_length), metrics
+
+
+@POLICY_LOSSES.register("gspo")
+def gspo_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    clip_low: float = 3e-4,
+    clip_high: float = 4e-4,
+    dual_clip_c: float | None = None,
+    agg_mode: AggMode = "seq-mean-token-mean",
+    norm_length: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GSPO: one importance ratio per response, the geometric mean of its token ratios.
+
+    Each token carries the sequence ratio s_i = exp(mean_t(log_prob - old_log_prob))
+    as its value, with the gradient of its own log-prob, so the clip acts per
+    sequence. Shapes as in ``ppo_loss``.
+    """
+    mask = response_mask.to(log_prob.dtype)
+    token_log_ratio = log_prob - old_log_prob
+    seq_log_ratio = (token_log_ratio * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
+    log_ratio = log_prob - log_prob.detach() + seq_log_ratio.detach().unsqueeze(-1)
+    loss_mat, metrics = _clipped_surrogate(
+        log_ratio, advantages, response_mask, clip_low, clip_high, dual_clip_c
+    )
+    metrics["approx_kl"] = masked_mean(-token_log_ratio.detach(), response_mask)
+    return aggregate_loss(loss_mat, response_mask, agg_mode, norm_length=norm_length), metrics
+
+
+KLEstimator = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+KL_ESTIMATORS: Registry[KLEstimator] = Registry("KL estimator")
+
+
+@KL_ESTIMATORS.register("k1", "kl")
+def kl_k1(log_prob: torch.Tensor, ref_log_prob: torch.Tensor) -> torch.Tensor:
+    """(N, L) log p - log q, unbiased for KL(p || q) under samples from p."""
+    return log_prob - ref_log_prob
+
+
+@KL_ESTIMATORS.register("k2", "mse")
+def kl_k2(log_prob: torch.Tensor, ref_log_prob: torch.Tensor) -> torch.Tensor:
+    """(N, L) (log p - log q)^2 / 2."""
+    return 0.5 * (log_prob - ref_log_prob).square()
+
+
+@KL_ESTIMATORS.register("k3", "low_var_kl")
+def kl_k3(log_prob: torch.Tensor, ref_log_prob: torch.Tensor) -> torch.Tensor:
+    """(N, L) q/p - log(q/p) - 1: non-negative, low variance; clamped to [-10, 10] for stability."""
+    log_q_over_p = (ref_log_prob - log_prob).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    return (torch.exp(log_q_over_p) - log_q_over_p - 1.0).clamp(-10.0, 10.0)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """(...) entropy of the softmax over the last axis of ``logits`` (..., V)."""
+    log_z = torch.logsumexp(logits, dim=-1)
+    return log_z - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+
+
+def compute_policy_loss(
+    config: AlgoConfig,
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    ref_log_prob: torch.Tensor | None = None,
+    norm_length: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The training objective of ``config``: policy loss plus ``kl_coef`` times the KL term.
+
+    All tensors are (N, L); ``ref_log_prob`` is required when ``config.kl_coef > 0``.
+    Returns the scalar loss and scalar metrics (``pg_loss``, ``kl`` and the policy
+    loss's own).
+    """
+    policy_loss = POLICY_LOSSES.get(config.policy_loss)
+    pg_loss, metrics = policy_loss(
+        log_prob,
+        old_log_prob,
+        advantages,
+        response_mask,
+        clip_low=config.clip_ratio_low,
+        clip_high=config.clip_ratio_high,
+        dual_clip_c=config.dual_clip_c,
+        agg_mode=config.loss_agg_mode,
+        norm_length=norm_length,
+    )
+    metrics["pg_loss"] = pg_loss.detach()
+    if config.kl_coef == 0:
+        return pg_loss, metrics
+    if ref_log_prob is None:
+        raise ValueError(f"algo.kl_coef is {config.kl_coef} but no reference log-probs were given")
+    kl = aggregate_loss(
+        KL_ESTIMATORS.get(config.kl_estimator)(log_prob, ref_log_prob),
+        response_mask,
+        config.loss_agg_mode,
+        norm_length=norm_length,
+    )
+    metrics["kl"] = kl.detach()
+    return pg_loss + config.kl_coef * kl, metrics
+
+
+def dapo_group_filter(accuracy: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: keep the samples of groups whose mean ``accuracy`` (N,) is strictly in (0, 1).
+
+    DAPO's dynamic sampling drops groups that all succeed or all fail: they carry
+    no group-relative signal.
+    """
+    stats = group_stats(accuracy.to(torch.float32), group_ids)
+    mean = stats.mean[stats.index]
+    return (mean > 0) & (mean < 1)
+
+
+def overlong_penalty(
+    response_lengths: torch.Tensor, max_length: int, buffer_length: int, penalty_factor: float = 1.0
+) -> torch.Tensor:
+    """(N,) DAPO's soft overlong penalty for ``response_lengths`` (N,).
+
+    0 up to ``max_length - buffer_length`` tokens, then falling linearly to
+    ``-penalty_factor`` at ``max_length``, and ``-penalty_factor`` beyond.
+    """
+    if not 0 < buffer_length <= max_length:
+        raise ValueError(f"need 0 < buffer_length <= max_length; got {buffer_length}, {max_length}")
+    excess = response_lengths.to(torch.float32) - (max_length - buffer_length)
+    return -penalty_factor * (excess / buffer_length).clamp(0.0, 1.0)
