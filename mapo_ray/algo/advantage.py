@@ -29,7 +29,8 @@ class GroupStats:
     """Statistics of one batch of N samples in K groups; float tensors are float64.
 
     ``index`` (N,) maps each sample to its row in the (K,) tensors; ``centered``
-    (N,) is each sample's reward minus its group mean.
+    (N,) is each sample's reward minus its group mean, exactly 0 in a group whose
+    rewards are all equal (a group of one included).
     """
 
     group_ids: torch.Tensor  # (K,) distinct ids, sorted
@@ -67,16 +68,19 @@ def group_stats(
     def per_group_sum(values: torch.Tensor) -> torch.Tensor:
         return torch.zeros(k, dtype=torch.float64, device=x.device).index_add_(0, index, values)
 
-    size = per_group_sum(torch.ones_like(x))
-    mean = per_group_sum(x) / size
-    centered = x - mean[index]
-    dof = size if std == "population" else (size - 1.0).clamp_min(1.0)
-    sigma = (per_group_sum(centered.square()) / dof).sqrt()
-
     lowest = torch.full((k,), torch.inf, dtype=torch.float64, device=x.device)
     lowest = lowest.scatter_reduce(0, index, x, reduce="amin")
     highest = torch.full((k,), -torch.inf, dtype=torch.float64, device=x.device)
     highest = highest.scatter_reduce(0, index, x, reduce="amax")
+    constant = lowest == highest
+
+    size = per_group_sum(torch.ones_like(x))
+    # The sum of equal floats divided by their count need not give the value back;
+    # using the group's exact value makes ``centered`` exactly 0 for such groups.
+    mean = torch.where(constant, lowest, per_group_sum(x) / size)
+    centered = x - mean[index]
+    dof = size if std == "population" else (size - 1.0).clamp_min(1.0)
+    sigma = (per_group_sum(centered.square()) / dof).sqrt()
 
     succeeded = (scores >= success_threshold) if success is None else success
     success_rate = per_group_sum(succeeded.to(torch.float64)) / size
@@ -87,14 +91,15 @@ def group_stats(
         mean=mean,
         std=sigma,
         success_rate=success_rate,
-        constant=lowest == highest,
+        constant=constant,
         centered=centered,
         eps=eps,
     )
 
 
-# An estimator maps the batch's statistics to (N,) float64 advantages. Groups whose
-# rewards are all equal are zeroed afterwards, whatever the estimator returns.
+# An estimator maps the batch's statistics to (N,) float64 advantages. Those below
+# scale ``centered`` by one per-group factor, so they gather once and give exact 0
+# for groups of equal rewards.
 Estimator = Callable[[GroupStats, "torch.Generator | None"], torch.Tensor]
 ADVANTAGE_ESTIMATORS: Registry[Estimator] = Registry("advantage estimator")
 
@@ -113,8 +118,8 @@ def apd(stats: GroupStats, generator: torch.Generator | None = None) -> torch.Te
 
 def _mix(stats: GroupStats, weight: torch.Tensor) -> torch.Tensor:
     """(N,) (1 - w) * GRPO + w * APD, with ``weight`` (K,) one value per group."""
-    w = weight[stats.index]
-    return (1.0 - w) * grpo(stats) + w * apd(stats)
+    scale = (1.0 - weight) / (stats.std + stats.eps) + weight / (stats.mean.abs() + stats.eps)
+    return stats.centered * scale[stats.index]
 
 
 @ADVANTAGE_ESTIMATORS.register("mapo")
@@ -140,8 +145,7 @@ def dr_grpo(stats: GroupStats, generator: torch.Generator | None = None) -> torc
 @ADVANTAGE_ESTIMATORS.register("rloo")
 def rloo(stats: GroupStats, generator: torch.Generator | None = None) -> torch.Tensor:
     """(N,) leave-one-out: r_i - mean of the others = (r_i - mu) * G / (G - 1)."""
-    size = stats.size[stats.index]
-    return stats.centered * size / (size - 1.0).clamp_min(1.0)
+    return stats.centered * (stats.size / (stats.size - 1.0).clamp_min(1.0))[stats.index]
 
 
 def compute_advantages(
@@ -176,7 +180,6 @@ def compute_advantages(
         scores, group_ids, success=success, success_threshold=success_threshold, std=std, eps=eps
     )
     advantages = fn(stats, generator)
-    advantages = advantages.masked_fill(stats.constant[stats.index], 0.0)
     # APD divides by |mu| + eps, which can exceed float32's range for huge
     # mixed-sign rewards; saturate rather than return inf.
     limit = torch.finfo(torch.float32).max
