@@ -19,7 +19,7 @@ from typing import Callable, Literal
 
 import torch
 
-from mapo_ray.algo.registry import Registry
+from mapo_ray.registry import Registry
 
 StdMode = Literal["population", "unbiased"]
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Callable, Literal
 import torch
 
 from mapo_ray.algo.advantage import group_stats
-from mapo_ray.algo.registry import Registry
+from mapo_ray.registry import Registry
 
 if TYPE_CHECKING:
     from mapo_ray.config import AlgoConfig
