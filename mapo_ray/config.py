@@ -58,11 +58,182 @@ class AlgoConfig:
 
 
 @dataclass
+class DataConfig:
+    """Prompt data read by ``mapo_ray.data`` (see its module docstrings)."""
+
+    # "geo3k": images/problem/answer rows; "emoset": one image and an emotion label per row.
+    layout: Literal["geo3k", "emoset"] = "geo3k"
+    # Each is a file, folder or glob, a pyarrow URI (s3://, gs://) or a hub dataset "org/name@split".
+    train: str = "hiyouga/geometry3k@train"
+    test: str = "hiyouga/geometry3k@test"
+    # Images are resized to multiples of 28 px within [min_pixels, max_pixels], as Qwen2.5-VL
+    # does. 1280 merged vision tokens at most, so one image fits a 2048-token prompt.
+    min_pixels: int = 56 * 56
+    max_pixels: int = 1280 * 28 * 28
+    # A row whose image header declares more pixels than this is skipped (and counted) before
+    # any decoding: a guard against decompression bombs. PIL's own warning threshold.
+    max_decode_pixels: int = 89_478_485
+    # Rows per read task: the unit of parallelism and of block-level shuffling.
+    rows_per_block: int = 64
+    # Prompt-preparation actors; each loads the tokenizer once.
+    num_workers: int = 2
+    # Reshuffle blocks and the rows inside them every epoch (seeded by the root ``seed``).
+    shuffle: bool = True
+    # Hub datasets: cache folder (None: huggingface_hub's default) and per-request timeout.
+    hub_cache_dir: str | None = None
+    hub_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        positive = ("min_pixels", "max_pixels", "max_decode_pixels", "rows_per_block", "num_workers", "hub_timeout_s")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"data.{name} must be positive, got {getattr(self, name)}")
+        if self.max_pixels < 28 * 28:
+            raise ValueError(f"data.max_pixels ({self.max_pixels}) is below one 28x28 patch (784)")
+        if self.max_pixels < self.min_pixels:
+            raise ValueError(f"data.max_pixels ({self.max_pixels}) is below data.min_pixels ({self.min_pixels})")
+
+
+@dataclass
+class RewardConfig:
+    """The reward function and the CPU actor pool that grades rollouts (``mapo_ray.reward``)."""
+
+    # A registered grader ("math", "label") or a user function "pkg.module:function".
+    function: str = "math"
+    # overall = accuracy_weight * accuracy + format_weight * format (built-in graders).
+    accuracy_weight: float = 0.9
+    format_weight: float = 0.1
+    # The label grader's label set, compared ignoring case; only read by "label".
+    labels: list[str] = field(default_factory=list)
+    num_workers: int = 2
+    cpus_per_worker: float = 1.0
+    # Wall-clock limit of one grading; past it the rollout gets 0, counted as a timeout.
+    grading_timeout_s: float = 5.0
+    # Backstop for a whole group's actor call (a stuck actor); must allow a group's gradings.
+    call_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        # Imported here because mapo_ray.reward imports this module.
+        from mapo_ray.reward.functions import check_reward_function
+
+        check_reward_function(self.function)
+        weights = (self.accuracy_weight, self.format_weight)
+        if min(weights) < 0 or abs(sum(weights) - 1.0) > 1e-9:
+            # Success means full marks (algo.success_threshold), so the best score must be 1.
+            raise ValueError(
+                f"reward.accuracy_weight and reward.format_weight must be >= 0 and sum to 1, got {weights}"
+            )
+        if self.function == "label":
+            folded = [label.casefold() for label in self.labels]
+            if not folded or len(set(folded)) != len(folded):
+                raise ValueError(
+                    f"reward.labels must be a non-empty set of distinct labels for 'label', got {self.labels}"
+                )
+        elif self.labels:
+            raise ValueError(f"reward.labels is only read by reward.function 'label', not {self.function!r}")
+        for name in ("num_workers", "cpus_per_worker", "grading_timeout_s", "call_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"reward.{name} must be positive, got {getattr(self, name)}")
+        if self.call_timeout_s <= self.grading_timeout_s:
+            raise ValueError(
+                f"reward.call_timeout_s ({self.call_timeout_s}) must exceed "
+                f"reward.grading_timeout_s ({self.grading_timeout_s})"
+            )
+
+
+@dataclass
+class SyncConfig:
+    """Weight sync from learner rank 0 to every rollout worker (``mapo_ray.sync``)."""
+
+    # "auto": NCCL when the learner has a CUDA device, else gloo.
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    # Size of one broadcast bucket, and of one ZeRO-3 gather chunk on the learner.
+    bucket_mb: float = 256.0
+    # Limit on joining the group and on each collective step of an update; a rollout
+    # worker that died or never joined is reported by name once it passes.
+    timeout_s: float = 300.0
+    # Send only parameters with requires_grad (e.g. when a frozen vision tower never changes).
+    trainable_only: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("bucket_mb", "timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"sync.{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def bucket_bytes(self) -> int:
+        return int(self.bucket_mb * 2**20)
+
+
+@dataclass
+class RolloutConfig:
+    """Rollout actors, their engines and training-time sampling (``mapo_ray.rollout``)."""
+
+    # "hf": transformers generate (the CPU default; also runs on a GPU); "vllm": vLLM.
+    engine: Literal["hf", "vllm"] = "hf"
+    num_actors: int = 1
+    # Each actor takes num_cpus_per_actor CPUs and, on "cuda", tensor_parallel_size GPUs.
+    device: Literal["cpu", "cuda"] = "cpu"
+    num_cpus_per_actor: float = 1.0
+    # vLLM only: GPUs (worker processes) one model copy is split over; each is a sync rank.
+    tensor_parallel_size: int = 1
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # G responses per prompt and how they are sampled (the paper: 12, 1.0, 0.99, 2048).
+    group_size: int = 12
+    temperature: float = 1.0
+    top_p: float = 0.99
+    max_new_tokens: int = 2048
+    stop: list[str] = field(default_factory=list)
+    # vLLM only: GPU share, longest prompt + response, eager mode (no CUDA graphs), and
+    # sleeping between rollouts so the learner gets the GPU memory back (CUDA only).
+    gpu_memory_utilization: float = 0.6
+    max_model_len: int = 4096
+    enforce_eager: bool = False
+    sleep_between_rollouts: bool = False
+    # Driver-side limit on one actor call (a rollout batch); past it the actor is named.
+    call_timeout_s: float = 1800.0
+
+    def __post_init__(self) -> None:
+        positive = (
+            "num_actors",
+            "num_cpus_per_actor",
+            "tensor_parallel_size",
+            "group_size",
+            "max_new_tokens",
+            "max_model_len",
+            "call_timeout_s",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"rollout.{name} must be positive, got {getattr(self, name)}")
+        if not self.temperature >= 0:
+            raise ValueError(f"rollout.temperature must be >= 0, got {self.temperature}")
+        if self.temperature == 0 and self.group_size != 1:
+            raise ValueError(
+                f"rollout.temperature 0 (greedy) gives one response per prompt; rollout.group_size is {self.group_size}"
+            )
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"rollout.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if any(not s for s in self.stop):
+            raise ValueError(f"rollout.stop must hold non-empty strings, got {self.stop}")
+        if self.engine == "hf" and self.tensor_parallel_size != 1:
+            raise ValueError("rollout.tensor_parallel_size > 1 needs rollout.engine 'vllm'; the HF engine runs on one device")
+        if self.sleep_between_rollouts and (self.engine != "vllm" or self.device != "cuda"):
+            raise ValueError("rollout.sleep_between_rollouts needs rollout.engine 'vllm' on rollout.device 'cuda'")
+
+
+@dataclass
 class Config:
     """The root of the tree; each section is read by the part of mapo-ray it names."""
 
     seed: int = 0
     algo: AlgoConfig = field(default_factory=AlgoConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
 
 # Each preset is a nested dict applied over the defaults, exactly like a YAML file.

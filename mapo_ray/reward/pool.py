@@ -1,0 +1,133 @@
+"""The reward actor pool: CPU actors that grade whole groups, many groups at a time.
+
+Each ``RewardWorker`` is a thin actor around one ``TimedGrader`` (every grading in a
+child process with its own time limit). ``RewardPool`` lives in the driver and
+hands out one group per idle actor, so a slow group never queues others behind it
+and each call's deadline (``reward.call_timeout_s``) runs from the moment an actor
+starts on it. When a call overruns or its actor dies, the group's rollouts get
+reward 0 (``call_timeout`` / ``actor_died``), and the actor is replaced before it
+gets more work: the pool survives anything a reward function does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import cast
+
+import ray
+from ray.exceptions import RayActorError, RayError
+
+from mapo_ray.config import RewardConfig
+from mapo_ray.reward.contract import FailureKind
+from mapo_ray.reward.functions import load_reward_fn
+from mapo_ray.reward.group import GroupRequest, GroupResult, grade_group, log_failure
+from mapo_ray.reward.sandbox import TimedGrader
+
+
+@ray.remote
+class RewardWorker:
+    """One reward actor: grades a group per call with its own grading process."""
+
+    def __init__(self, config: RewardConfig) -> None:
+        self._grader = TimedGrader(config)
+
+    def ready(self) -> bool:
+        return True
+
+    def score(self, request: GroupRequest) -> GroupResult:
+        return grade_group(request, self._grader.grade)
+
+
+class RewardPool:
+    """``config.num_workers`` reward actors behind one blocking ``score`` call.
+
+    Construction fails fast, in the driver, on a reward function that cannot be
+    loaded, and waits (up to ``start_timeout_s``) until every actor is ready. Not
+    thread-safe: one ``score`` call at a time.
+    """
+
+    def __init__(self, config: RewardConfig, start_timeout_s: float = 120.0) -> None:
+        load_reward_fn(config)  # a wrong reward.function raises ConfigError here, not mid-run
+        self._config = config
+        self._start_timeout_s = start_timeout_s
+        self._actors = [self._spawn() for _ in range(config.num_workers)]
+        self._await_ready(self._actors)
+
+    @property
+    def size(self) -> int:
+        return len(self._actors)
+
+    def score(self, requests: Sequence[GroupRequest]) -> list[GroupResult]:
+        """Grade every group; results are in the order of ``requests``.
+
+        Never raises for a reward function's failure or a lost actor: those
+        rollouts get reward 0 and a failure kind (count them with
+        ``group.failure_metrics``). Raises only if a replacement actor cannot start.
+        """
+        if not self._actors:
+            raise RuntimeError("RewardPool.score called after shutdown")
+        results: list[GroupResult | None] = [None] * len(requests)
+        waiting = deque(range(len(requests)))
+        idle = list(range(len(self._actors)))
+        running: dict[ray.ObjectRef, tuple[int, int, float]] = {}  # call -> (actor slot, request, deadline)
+        while waiting or running:
+            while idle and waiting:
+                slot, index = idle.pop(), waiting.popleft()
+                call = self._actors[slot].score.remote(requests[index])
+                running[call] = (slot, index, time.monotonic() + self._config.call_timeout_s)
+            nearest = min(deadline for _, _, deadline in running.values())
+            ray.wait(list(running), num_returns=1, timeout=max(nearest - time.monotonic(), 0.0))
+            # Collect every finished call before judging deadlines, so a call that
+            # finished while the loop was busy is never taken for an overrun one.
+            done, _ = ray.wait(list(running), num_returns=len(running), timeout=0)
+            now = time.monotonic()
+            for call in done:
+                slot, index, _ = running.pop(call)
+                try:
+                    results[index] = ray.get(call)
+                except RayActorError as err:
+                    results[index] = self._lose(slot, requests[index], "actor_died", str(err))
+                except RayError as err:  # a bug outside the reward function; keep going, loudly
+                    results[index] = self._lose(slot, requests[index], "exception", str(err))
+                idle.append(slot)
+            for call, (slot, index, deadline) in list(running.items()):
+                if now >= deadline:
+                    del running[call]
+                    detail = f"actor call took longer than {self._config.call_timeout_s:g} s"
+                    results[index] = self._lose(slot, requests[index], "call_timeout", detail)
+                    idle.append(slot)
+        return cast(list[GroupResult], results)  # the loop above fills every slot
+
+    def shutdown(self) -> None:
+        """Kill every actor (their grading processes die with them)."""
+        for actor in self._actors:
+            ray.kill(actor)
+        self._actors = []
+
+    def __enter__(self) -> RewardPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def _lose(self, slot: int, request: GroupRequest, kind: FailureKind, detail: str) -> GroupResult:
+        """Zero a group whose call failed, and put a fresh actor in ``slot``."""
+        first = request.responses[0] if request.responses else ""
+        log_failure(kind, detail, request.uid, f"(all {len(request.responses)})", first, request.answer)
+        ray.kill(self._actors[slot])
+        self._actors[slot] = self._spawn()
+        self._await_ready([self._actors[slot]])
+        return GroupResult.all_failed(request, kind)
+
+    def _spawn(self) -> ray.actor.ActorHandle:
+        return RewardWorker.options(num_cpus=self._config.cpus_per_worker).remote(self._config)
+
+    def _await_ready(self, actors: list[ray.actor.ActorHandle]) -> None:
+        try:
+            ray.get([actor.ready.remote() for actor in actors], timeout=self._start_timeout_s)
+        except RayError as err:
+            for actor in actors:
+                ray.kill(actor)
+            raise RuntimeError(f"reward actors did not start: {err}") from err

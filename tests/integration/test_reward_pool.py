@@ -1,0 +1,118 @@
+"""The reward actor pool on a real local Ray cluster, with concurrent groups.
+
+The user reward function below is named by import path
+(``tests.integration.test_reward_pool:by_content``): Ray workers find it because
+they start in the driver's working directory, the repository root.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from mapo_ray.config import ConfigError, RewardConfig
+from mapo_ray.reward import GroupRequest, failure_metrics
+from mapo_ray.reward.pool import RewardPool
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+BY_CONTENT = "tests.integration.test_reward_pool:by_content"
+
+
+def by_content(response: str, answer: str) -> dict[str, float]:
+    """A user reward function whose behaviour the response picks: ``kind:arg``."""
+    kind, _, arg = response.partition(":")
+    if kind == "raise":
+        raise RuntimeError("reward function bug")
+    if kind == "hang":
+        time.sleep(3600)
+    if kind == "nan":
+        return {"overall": float("nan")}
+    if kind == "slow":
+        time.sleep(0.5)
+    if kind == "kill_actor":
+        os.kill(os.getppid(), signal.SIGKILL)  # this grading process's parent is the reward actor
+        time.sleep(3600)
+    return {"overall": float(arg == answer), "pid": float(os.getpid())}
+
+
+@pytest.fixture(autouse=True)
+def importable_from_root(monkeypatch):
+    # The driver checks the function path before starting actors, whatever the
+    # sys.path pytest was started with.
+    monkeypatch.syspath_prepend(str(ROOT))
+
+
+def _config(**overrides) -> RewardConfig:
+    settings = {"function": BY_CONTENT, "num_workers": 2, "cpus_per_worker": 0.5, "grading_timeout_s": 1.0}
+    return RewardConfig(**{**settings, **overrides})
+
+
+def test_math_groups_are_graded_concurrently_and_in_order(ray_cluster):
+    answers = ["4", "\\frac{1}{2}", "2\\sqrt{3}", "30"]
+    requests = [
+        GroupRequest(
+            uid=f"q{i}",
+            answer=answers[i % 4],
+            responses=[
+                f"<think>t</think> \\boxed{{{answers[i % 4]}}}",  # right, well formed
+                f"\\boxed{{{answers[i % 4]}}}",  # right, no thinking
+                "<think>t</think> \\boxed{7}",  # wrong
+            ],
+        )
+        for i in range(12)
+    ]
+    unparsable = GroupRequest(uid="bad", answer="???", responses=["\\boxed{1}", "no box"])
+    with RewardPool(_config(function="math")) as pool:
+        assert pool.size == 2
+        results = pool.score(requests)
+        (bad,) = pool.score([unparsable])
+    assert bad.failures == ["bad_answer", "bad_answer"] and bad.rewards == [0.0, 0.0]
+    assert [r.uid for r in results] == [f"q{i}" for i in range(12)]
+    for result in results:
+        assert result.rewards == pytest.approx([1.0, 0.9, 0.1])
+        assert result.failures == [None, None, None]
+        assert [s["format"] for s in result.scores] == [1.0, 0.0, 1.0]
+    assert failure_metrics(results)["reward/graded"] == 36
+
+
+def test_failures_get_zero_are_counted_and_the_pool_survives(ray_cluster):
+    mixed = GroupRequest(uid="mixed", answer="4", responses=["ok:4", "raise", "hang", "nan", "ok:5", "ok:4"])
+    clean = [GroupRequest(uid=f"c{i}", answer="1", responses=["ok:1", "ok:2"]) for i in range(6)]
+    with RewardPool(_config()) as pool:
+        results = pool.score([mixed, *clean])
+        again = pool.score(clean)  # the same pool, after a hang, an exception and a NaN
+    first = results[0]
+    assert first.rewards == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    assert first.failures == [None, "exception", "timeout", "nan", None, None]
+    assert all(r.rewards == [1.0, 0.0] and r.failures == [None, None] for r in results[1:] + again)
+    metrics = failure_metrics(results)
+    kinds = ("exception", "timeout", "nan", "invalid", "bad_answer", "call_timeout", "actor_died")
+    assert [metrics[f"reward/failed/{kind}"] for kind in kinds] == [1, 1, 1, 0, 0, 0, 0]
+    assert metrics["reward/graded"] == 3 + 12
+    # Both actors took groups: their grading processes differ.
+    assert len({s["pid"] for r in results for s in r.scores if "pid" in s}) >= 2
+
+
+def test_a_stuck_call_or_a_dead_actor_zeroes_the_group_and_replaces_the_actor(ray_cluster):
+    slow = GroupRequest(uid="slow", answer="4", responses=["slow:4"] * 8)  # ~4 s of grading
+    killer = GroupRequest(uid="killer", answer="4", responses=["kill_actor", "ok:4"])
+    after = GroupRequest(uid="after", answer="4", responses=["ok:4"])
+    with RewardPool(_config(num_workers=1, call_timeout_s=2.0)) as pool:
+        results = pool.score([slow, killer, after])
+    assert results[0].failures == ["call_timeout"] * 8 and results[0].rewards == [0.0] * 8
+    assert results[1].failures == ["actor_died"] * 2 and results[1].rewards == [0.0, 0.0]
+    assert results[2].rewards == [1.0] and results[2].failures == [None]
+    metrics = failure_metrics(results)
+    assert (metrics["reward/failed/call_timeout"], metrics["reward/failed/actor_died"]) == (8, 2)
+
+
+def test_a_wrong_function_path_fails_at_start_up(ray_cluster):
+    with pytest.raises(ConfigError, match=r"reward\.function 'tests\.integration\.nope:score': cannot import module"):
+        RewardPool(_config(function="tests.integration.nope:score"))
+

@@ -1,0 +1,160 @@
+"""Per-row validation, skip marking, counting and exact rebatching (no Ray)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from mapo_ray.data import (
+    IMAGES_TYPE,
+    PixelBudget,
+    RowSkip,
+    drop_skipped,
+    emoset_as_geo3k,
+    pack_image,
+    prepare_row,
+    prepare_table,
+    rebatch,
+    to_batch,
+    unpack_image,
+)
+from mapo_ray.data.prompts import EMOSET_QUESTION
+
+BUDGET = PixelBudget(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64, max_decode_pixels=400 * 400)
+
+
+def png(width: int = 100, height: int = 80, colour=(200, 30, 30)) -> dict:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), colour).save(buffer, format="PNG")
+    return {"bytes": buffer.getvalue(), "path": None}
+
+
+def render(problem: str) -> str:
+    return f"<prompt>{problem}</prompt>"
+
+
+def prepare(row):
+    return prepare_row(row, render=render, budget=BUDGET)
+
+
+def skip_reason(row) -> str:
+    with pytest.raises(RowSkip) as info:
+        prepare(row)
+    return info.value.reason
+
+
+def test_good_row_becomes_prompt_images_answer():
+    row = {"images": [png(), png(60, 60)], "problem": "<image> and <image>", "answer": " 12 "}
+    prompt, images, answer = prepare(row)
+    assert prompt == "<prompt><image> and <image></prompt>"
+    assert [image.shape for image in images] == [(84, 112, 3), (56, 56, 3)]
+    assert answer == "12"
+
+
+@pytest.mark.parametrize(
+    ("row", "reason"),
+    [
+        ({"images": [{"bytes": b"not a png", "path": None}], "problem": "<image>x", "answer": "1"}, "corrupt_image"),
+        ({"images": [None], "problem": "<image>x", "answer": "1"}, "missing_image"),
+        ({"images": [png(500, 500)], "problem": "<image>x", "answer": "1"}, "image_too_large"),
+        ({"images": [png(300, 1)], "problem": "<image>x", "answer": "1"}, "image_aspect_ratio"),
+        ({"images": [png()], "problem": "<image>", "answer": "1"}, "empty_problem"),
+        ({"images": [], "problem": "", "answer": "1"}, "empty_problem"),
+        ({"images": [png()], "problem": None, "answer": "1"}, "empty_problem"),
+        ({"images": [png()], "problem": "<image>x", "answer": 3}, "missing_answer"),
+        ({"images": [png()], "problem": "<image>x", "answer": None}, "missing_answer"),
+        ({"images": [png()], "problem": "<image>x", "answer": "  "}, "missing_answer"),
+        ({"images": [png(), png()], "problem": "<image>x", "answer": "1"}, "placeholder_mismatch"),
+        ({"images": None, "problem": "<image>x", "answer": "1"}, "placeholder_mismatch"),
+    ],
+)
+def test_each_bad_row_gets_its_reason(row, reason):
+    assert skip_reason(row) == reason
+
+
+def test_skip_detail_names_the_column_and_image_index():
+    row = {"images": [png(), {"bytes": b"junk", "path": None}], "problem": "<image><image>x", "answer": "1"}
+    with pytest.raises(RowSkip) as info:
+        prepare(row)
+    assert "column 'images'[1]" in info.value.detail
+
+
+def test_emoset_row_becomes_a_fixed_question_with_the_label_as_answer():
+    image = png()
+    row = emoset_as_geo3k({"image": image, "emotion": " Awe "})
+    assert row == {"images": [image], "problem": EMOSET_QUESTION, "answer": "awe"}
+    with pytest.raises(RowSkip) as info:
+        emoset_as_geo3k({"image": image, "emotion": "boredom"})
+    assert info.value.reason == "unknown_label"
+    with pytest.raises(RowSkip) as info:
+        emoset_as_geo3k({"image": image, "emotion": None})
+    assert info.value.reason == "missing_answer"
+
+
+def raw_table() -> pa.Table:
+    return pa.table(
+        {
+            "images": [[png()], [{"bytes": b"junk", "path": None}], [png(40, 40)]],
+            "problem": ["<image>a", "<image>b", "<image>c"],
+            "answer": ["1", "2", None],
+            "id": ["q0", "q1", "q2"],
+            "choices": [["1", "2"], ["3"], []],
+            "uid": ["f#0", "f#1", "f#2"],
+        }
+    )
+
+
+def test_prepare_table_marks_skips_in_place_and_passes_extra_columns_through():
+    out = prepare_table(raw_table(), prepare, passthrough=["id", "choices"])
+    assert out.num_rows == 3
+    assert out.schema.field("images").type == IMAGES_TYPE
+    assert out["uid"].to_pylist() == ["f#0", "f#1", "f#2"]
+    assert out["skip_reason"].to_pylist() == ["", "corrupt_image", "missing_answer"]
+    assert out["choices"].to_pylist() == [["1", "2"], ["3"], []]
+    assert out["images"].to_pylist()[1] == []
+
+    kept, skipped = drop_skipped(out)
+    assert kept["uid"].to_pylist() == ["f#0"]
+    assert "skip_reason" not in kept.column_names
+    assert [(reason, uid) for reason, uid, _ in skipped] == [("corrupt_image", "f#1"), ("missing_answer", "f#2")]
+
+    batch = to_batch(kept)
+    [images] = batch["images"]
+    assert images[0].shape == (84, 112, 3) and tuple(images[0][0, 0]) == (200, 30, 30)
+    assert batch["prompt"][0] == "<prompt><image>a</prompt>"
+
+
+def test_a_batch_of_only_skipped_rows_keeps_the_schema():
+    table = raw_table().slice(1, 2)
+    out = prepare_table(table, prepare, passthrough=["id", "choices"])
+    assert out.schema == prepare_table(raw_table(), prepare, passthrough=["id", "choices"]).schema
+    assert drop_skipped(out)[0].num_rows == 0
+
+
+def test_pack_and_unpack_round_trip_pixels():
+    image = np.random.default_rng(0).integers(0, 256, size=(28, 56, 3), dtype=np.uint8)
+    assert np.array_equal(unpack_image(pack_image(image)), image)
+
+
+@pytest.mark.parametrize("size", [1, 3, 4, 10])
+def test_rebatch_gives_exact_sizes_and_keeps_every_row_in_order(size):
+    lengths = [0, 2, 5, 1, 0, 3]
+    tables, start = [], 0
+    for length in lengths:
+        tables.append(pa.table({"x": list(range(start, start + length))}))
+        start += length
+    batches = list(rebatch(tables, size))
+    assert all(b.num_rows == size for b in batches[:-1]) and 0 < batches[-1].num_rows <= size
+    assert [x for b in batches for x in b["x"].to_pylist()] == list(range(sum(lengths)))
+
+
+def test_an_unexpected_error_stops_the_batch_naming_the_row():
+    def broken(row):
+        raise KeyError("bug")
+
+    with pytest.raises(RuntimeError, match="row f#0 failed: KeyError"):
+        prepare_table(raw_table(), broken, passthrough=["id", "choices"])
