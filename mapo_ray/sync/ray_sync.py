@@ -1,0 +1,158 @@
+"""Learner rank 0 drives weight sync to the rollout actors through Ray.
+
+Each rollout actor is a Ray actor with these two methods (the rollout package
+implements them around ``WeightReceiver``; an actor may own several ranks, e.g. one
+per vLLM tensor-parallel worker, ranks ``first_rank .. first_rank + ranks_per_actor - 1``)::
+
+    def join_weight_sync(self, address: GroupAddress, first_rank: int) -> None: ...
+    def receive_weights(self, plan: SyncPlan) -> int: ...  # the version it loaded
+
+The update's metadata (the ``SyncPlan``: names, shapes, dtypes, bucket offsets and
+version) rides on the ``receive_weights`` call itself. That call has to be made
+anyway to tell the actor to start receiving, so the plan costs no extra round trip
+or collective, and the receiver knows every bucket size before the first byte
+arrives (it posts bucket k+1 while loading bucket k).
+
+Usage on learner rank 0 (``actors`` reach it through ``train_loop_config``)::
+
+    sync = RayWeightSync(config.sync)
+    sync.connect({"rollout-0": handle0, "rollout-1": handle1})
+    version = sync.sync_model(model)       # after each optimizer step
+
+Every wait has the configured time-out. When something fails, every actor's call is
+inspected so the error names who died, who raised what, and who never answered; it
+comes within about twice the time-out (the failing step, then the actors' answers),
+usually at once, since a dead peer resets its connections. The group is then gone:
+``connect`` again, e.g. with the survivors. ``version`` counts updates that every
+actor loaded, so a failed update's number is used again by the next one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import ray
+import torch
+from ray.actor import ActorHandle
+from ray.exceptions import RayActorError
+from ray.util import get_node_ip_address
+
+from mapo_ray.config import SyncConfig
+from mapo_ray.sync.errors import WeightSyncError, first_line
+from mapo_ray.sync.group import Backend
+from mapo_ray.sync.params import named_parameters_for_sync, parameter_specs
+from mapo_ray.sync.plan import TensorSpec
+from mapo_ray.sync.sender import WeightSender
+
+
+class RayWeightSync:
+    """Weight sync from this process (learner rank 0) to the named rollout actors."""
+
+    def __init__(self, config: SyncConfig) -> None:
+        self.config = config
+        self.actors: dict[str, ActorHandle] = {}
+        self.version = 0  # the last version every actor loaded; kept across reconnects
+        self._sender: WeightSender | None = None
+
+    @property
+    def backend(self) -> Backend:
+        if self.config.backend != "auto":
+            return self.config.backend
+        return "nccl" if torch.cuda.is_available() else "gloo"
+
+    def connect(self, actors: Mapping[str, ActorHandle], ranks_per_actor: int = 1) -> None:
+        """Form a new group with ``actors`` (name -> handle), each owning ``ranks_per_actor`` ranks.
+
+        Raises ``WeightSyncError`` naming every actor that did not join. Call it again,
+        e.g. with the survivors, after any failure.
+        """
+        if not actors:
+            raise WeightSyncError("weight sync needs at least one rollout actor")
+        self.close()
+        self.actors = dict(actors)
+        sender = WeightSender(
+            1 + len(self.actors) * ranks_per_actor,
+            self.config.bucket_bytes,
+            backend=self.backend,
+            timeout_s=self.config.timeout_s,
+            host=get_node_ip_address(),
+            version=self.version,
+        )
+        first_ranks = {name: 1 + i * ranks_per_actor for i, name in enumerate(self.actors)}
+        member_names = {
+            rank: f"{name!r} rank {rank}"
+            for name, first in first_ranks.items()
+            for rank in range(first, first + ranks_per_actor)
+        }
+        refs = {
+            self.actors[name].join_weight_sync.remote(sender.address, first): name
+            for name, first in first_ranks.items()
+        }
+        self._sender = sender
+        cause = None
+        try:
+            sender.connect(member_names)
+        except WeightSyncError as err:
+            self.close()  # ranks already waiting in the backend's connect fail at once
+            cause = err
+        self._finish(refs, "joining the weight-sync group", cause)
+
+    def sync(self, specs: Iterable[TensorSpec], named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Send one update (``named_tensors`` in ``specs`` order) to every actor; returns its version.
+
+        After a ``WeightSyncError`` the group is gone: ``connect`` again (with the
+        surviving actors) before the next update.
+        """
+        if self._sender is None:
+            raise WeightSyncError("weight sync is not connected; call connect() first")
+        plan = self._sender.plan(specs)
+        refs = {actor.receive_weights.remote(plan): name for name, actor in self.actors.items()}
+        cause = None
+        try:
+            self._sender.send(plan, named_tensors)
+        except WeightSyncError as err:
+            cause = err
+        loaded = self._finish(refs, f"weight update v{plan.version}", cause)
+        wrong = {name: v for name, v in loaded.items() if v != plan.version}
+        if wrong:
+            self.close()
+            raise WeightSyncError(f"weight update v{plan.version}: actors report other versions: {wrong}")
+        self.version = plan.version
+        return plan.version
+
+    def sync_model(self, model: torch.nn.Module) -> int:
+        """``sync`` of ``model``'s parameters; under ZeRO-3 the other learner ranks must drain
+        ``named_parameters_for_sync(model, config.bucket_bytes, config.trainable_only)`` meanwhile."""
+        trainable_only = self.config.trainable_only
+        return self.sync(
+            parameter_specs(model, trainable_only),
+            named_parameters_for_sync(model, self.config.bucket_bytes, trainable_only),
+        )
+
+    def close(self) -> None:
+        if self._sender is not None:
+            self._sender.close()
+            self._sender = None
+
+    def _finish(self, refs: dict[ray.ObjectRef, str], what: str, cause: WeightSyncError | None) -> dict[str, object]:
+        """Each actor's result, or ``WeightSyncError`` naming every actor that failed and why.
+
+        On failure the sender has already closed its end, so actors blocked in a
+        collective with it fail at once; a hung one is given the time-out.
+        """
+        ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=self.config.timeout_s)
+        results: dict[str, object] = {}
+        died, raised = [], []
+        for ref in ready:
+            try:
+                results[refs[ref]] = ray.get(ref)
+            except RayActorError as err:
+                died.append(f"{refs[ref]!r} died ({type(err).__name__})")
+            except Exception as err:  # the actor's own exception, wrapped in a RayTaskError
+                raised.append(f"{refs[ref]!r} raised {first_line(getattr(err, 'cause', None) or err)}")
+        silent = [f"{refs[ref]!r} did not answer within {self.config.timeout_s:g}s" for ref in pending]
+        problems = died + raised + silent + ([f"learner {first_line(cause)}"] if cause else [])
+        if problems:
+            self.close()
+            raise WeightSyncError(f"{what} failed: " + "; ".join(problems)) from cause
+        return results
