@@ -1,0 +1,46 @@
+"""Rollout: engines that sample G responses per prompt, and the Ray actors that own them.
+
+- ``types``: ``Prompt``, ``SamplingParams``, ``Sample``, ``Group``
+- ``sampling``: the sampling distribution and log-probs (shared with the learner), response ends
+- ``engine``: the ``RolloutEngine`` protocol, ``make_engine`` and ``sampling_params`` from config
+- ``hf_engine`` / ``vllm_engine`` (+ ``vllm_worker``): the two engines
+- ``actor``: ``RolloutActor``, ``create_rollout_actors``, ``collect``, ``RolloutError``
+
+This package imports neither Ray nor vLLM: ``mapo_ray.rollout.actor`` needs Ray, and
+``VLLMEngine`` imports vLLM when it is built, so the engines also run in the vLLM-only venv.
+"""
+
+from mapo_ray.rollout.engine import RolloutEngine, make_engine, sampling_params
+from mapo_ray.rollout.hf_engine import HFEngine
+from mapo_ray.rollout.sampling import derive_seed, response_end, sampling_logits, token_logprobs
+from mapo_ray.rollout.types import (
+    FinishReason,
+    Group,
+    Prompt,
+    Sample,
+    SamplingParams,
+    count_tokens,
+    pil_image,
+    prompts_from_batch,
+)
+from mapo_ray.rollout.vllm_engine import VLLMEngine
+
+__all__ = [
+    "FinishReason",
+    "Group",
+    "HFEngine",
+    "Prompt",
+    "RolloutEngine",
+    "Sample",
+    "SamplingParams",
+    "VLLMEngine",
+    "count_tokens",
+    "derive_seed",
+    "make_engine",
+    "pil_image",
+    "prompts_from_batch",
+    "response_end",
+    "sampling_logits",
+    "sampling_params",
+    "token_logprobs",
+]

@@ -1,0 +1,143 @@
+"""Rollout actors: thin Ray actors that own one engine each, and the driver-side calls to them.
+
+A ``RolloutActor`` holds its engine, an optional Ray Data shard and its counters; the
+work is the engine's. It takes prompts two ways: a batch handed to ``generate``, or the
+next batch of a shard attached with ``attach_shard`` (``rollout_next``). A shard is read
+one batch per call, so weight updates (``join_weight_sync`` / ``receive_weights``, the
+methods ``mapo_ray.sync.ray_sync.RayWeightSync`` calls) fit between two batches and the
+caller decides how stale a batch may be.
+
+An engine error comes back as ``RolloutError`` naming the actor; ``collect`` turns a
+dead, failing or silent actor into one ``RolloutError`` naming each of them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ray
+from ray.actor import ActorHandle
+from ray.exceptions import RayActorError
+
+from mapo_ray.config import RolloutConfig
+from mapo_ray.rollout.engine import make_engine
+from mapo_ray.rollout.types import Group, Prompt, SamplingParams, count_tokens, prompts_from_batch
+from mapo_ray.sync import GroupAddress, SyncPlan
+from mapo_ray.sync.errors import first_line
+
+
+class RolloutError(RuntimeError):
+    """A rollout actor failed; the message names the actor and what it was doing."""
+
+
+@ray.remote
+class RolloutActor:
+    """One engine (``cfg.engine``) on one model copy, named ``name`` in every error and metric."""
+
+    def __init__(self, name: str, cfg: RolloutConfig, model_path: str | os.PathLike, seed: int = 0) -> None:
+        self.name = name
+        self._engine = make_engine(cfg, model_path, seed)
+        self._batches = None  # the attached shard's PromptBatches and its iterator
+        self._shard_iter = None
+        self._tokens = 0
+        self._seconds = 0.0
+        self._last_tokens_per_s = 0.0
+
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[Group]:
+        """``params.n`` samples for each prompt, one group per prompt in order."""
+        start = time.perf_counter()
+        try:
+            groups = self._engine.generate(prompts, params)
+        except Exception as err:
+            uids = ", ".join(p.uid for p in prompts[:3]) + (", ..." if len(prompts) > 3 else "")
+            raise RolloutError(
+                f"rollout actor {self.name!r}: generating for {len(prompts)} prompt(s) ({uids}) failed: "
+                f"{type(err).__name__}: {err}"
+            ) from err
+        seconds = time.perf_counter() - start
+        tokens = count_tokens(groups)
+        self._tokens += tokens
+        self._seconds += seconds
+        self._last_tokens_per_s = tokens / seconds if seconds > 0 else 0.0
+        return groups
+
+    def attach_shard(self, shard: ray.data.DataIterator | ray.data.Dataset, batch_size: int) -> None:
+        """Read prompts from ``shard`` (e.g. one ``streaming_split`` iterator) ``batch_size`` at a time."""
+        from mapo_ray.data.pipeline import PromptBatches  # Ray Data only where a shard is used
+
+        self._batches = PromptBatches(shard, batch_size)
+        self._shard_iter = iter(self._batches)
+
+    def rollout_next(self, params: SamplingParams) -> list[Group] | None:
+        """Groups for the next batch of the attached shard; None once the shard is exhausted."""
+        if self._shard_iter is None:
+            raise RolloutError(f"rollout actor {self.name!r}: rollout_next before attach_shard")
+        batch = next(self._shard_iter, None)
+        if batch is None:
+            return None
+        return self.generate(prompts_from_batch(batch), params)
+
+    def sync_ranks(self) -> int:
+        """Ranks this actor holds in a weight-sync group (``RayWeightSync.connect``'s ``ranks_per_actor``)."""
+        return self._engine.sync_ranks
+
+    def join_weight_sync(self, address: GroupAddress, first_rank: int) -> None:
+        self._engine.join_weight_sync(address, first_rank)
+
+    def receive_weights(self, plan: SyncPlan) -> int:
+        return self._engine.receive_weights(plan)
+
+    def weight_version(self) -> int | None:
+        return self._engine.weight_version
+
+    def metrics(self) -> dict[str, float]:
+        """Generated tokens and seconds spent generating since start, their ratio, the last
+        call's tokens per second, and the attached shard's ``data/*`` counts."""
+        out = {
+            "rollout/generated_tokens": float(self._tokens),
+            "rollout/generate_s": self._seconds,
+            "rollout/tokens_per_s": self._tokens / self._seconds if self._seconds > 0 else 0.0,
+            "rollout/last_tokens_per_s": self._last_tokens_per_s,
+        }
+        if self._batches is not None:
+            out.update({k: float(v) for k, v in self._batches.metrics().items()})
+        return out
+
+
+def create_rollout_actors(
+    cfg: RolloutConfig, model_path: str | os.PathLike, seed: int = 0, prefix: str = "rollout"
+) -> dict[str, ActorHandle]:
+    """``cfg.num_actors`` actors named ``{prefix}-{i}``, each with its resources and engine seed ``seed + i``."""
+    gpus = cfg.tensor_parallel_size if cfg.device == "cuda" else 0
+    actors = {}
+    for i in range(cfg.num_actors):
+        name = f"{prefix}-{i}"
+        options = RolloutActor.options(num_cpus=cfg.num_cpus_per_actor, num_gpus=gpus)
+        actors[name] = options.remote(name, cfg, str(model_path), seed + i)
+    return actors
+
+
+def collect(refs: Mapping[ray.ObjectRef, str], what: str, timeout_s: float) -> dict[str, Any]:
+    """The result of each actor call (``ref -> actor name``), by actor name.
+
+    Waits at most ``timeout_s`` for all of them. Raises ``RolloutError`` naming every
+    actor that died, raised or did not answer in time, with the first line of each cause.
+    """
+    ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+    results: dict[str, Any] = {}
+    problems = []
+    for ref in ready:
+        name = refs[ref]
+        try:
+            results[name] = ray.get(ref)
+        except RayActorError as err:
+            problems.append(f"{name!r} died: {first_line(err)}")
+        except Exception as err:  # the actor's own error, wrapped in a RayTaskError
+            problems.append(f"{name!r} raised {first_line(getattr(err, 'cause', None) or err)}")
+    problems += [f"{refs[ref]!r} did not answer within {timeout_s:g}s" for ref in pending]
+    if problems:
+        raise RolloutError(f"{what} failed: " + "; ".join(problems))
+    return results
