@@ -1,0 +1,412 @@
+"""``Learner``: the policy under DeepSpeed on one rank, and the PPO/MAPO update of a rollout batch.
+
+One per rank of a torch.distributed world: each Ray Train ``TorchTrainer`` worker
+builds one inside ``train_loop_per_worker`` (or a lone process after
+``init_single_process``). Every method that runs the model is collective: all ranks
+call it, in step, with their own shard. A training step on each rank::
+
+    advantages = learner.advantages(batch)                  # the whole rollout batch
+    mine = shard_by_group([e.group_id for e in batch], [e.num_tokens for e in batch],
+                          learner.world_size)[learner.rank]
+    metrics = learner.update([batch[i] for i in mine], advantages[mine])
+
+Advantages are computed over the whole batch (every group complete) on each rank,
+then each rank trains on whole groups, so per-group statistics never see a partial
+group however the batch is split.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, PreTrainedModel
+
+from mapo_ray.algo import compute_advantages, compute_policy_loss, expand_to_tokens
+from mapo_ray.config import Config
+from mapo_ray.learner.collate import PolicyInputs, VisionInput, collate, encode_images
+from mapo_ray.learner.deepspeed_setup import build_policy_engine, build_reference, load_model
+from mapo_ray.learner.experience import Experience, split_minibatches, token_budget_micro_batches
+from mapo_ray.learner.logprobs import ResponseLogProbs
+from mapo_ray.learner.rng import rng_state, set_rng_state
+from mapo_ray.rollout.sampling import derive_seed
+from mapo_ray.sync import named_parameters_for_sync
+
+# DeepSpeed's checkpoint tag: a fixed name, so a folder holds exactly one learner state.
+_CHECKPOINT_TAG = "learner"
+# Loss metrics that are aggregated like the loss itself; the others are token means.
+_LOSS_METRICS = ("pg_loss", "kl")
+
+
+class Learner:
+    """The policy (and frozen reference) of one rank, with its optimizer, schedule and step count.
+
+    Args:
+        config: the whole config; reads ``learner``, ``algo``, ``rollout.temperature``
+            (the log-prob temperature), ``rollout.max_new_tokens`` (the fixed length of
+            ``seq-mean-token-sum-norm``), ``sync`` and ``seed``.
+        model_path: a Hugging Face folder: a Qwen2.5-VL-style model, or a causal LM.
+
+    Raises:
+        RuntimeError: when no torch.distributed group exists yet.
+    """
+
+    def __init__(self, config: Config, model_path: str | os.PathLike) -> None:
+        if not dist.is_initialized():
+            raise RuntimeError(
+                "Learner needs a torch.distributed group: build it inside a Ray Train worker, "
+                "or call mapo_ray.learner.init_single_process() first"
+            )
+        self.config = config
+        self.model_path = Path(model_path)
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.step = 0  # completed ``update`` calls
+        cfg = config.learner
+        temperature = config.rollout.temperature
+
+        hf_config = AutoConfig.from_pretrained(model_path)
+        multimodal = hasattr(hf_config, "vision_config")
+        self.image_processor = AutoImageProcessor.from_pretrained(model_path) if multimodal else None
+        self.image_token_id: int | None = hf_config.image_token_id if multimodal else None
+        pad = hf_config.get_text_config().pad_token_id
+        self.pad_token_id: int = 0 if pad is None else pad
+
+        policy = ResponseLogProbs(load_model(model_path, cfg, trainable=True), temperature)
+        self.engine = build_policy_engine(policy, cfg, self.world_size)
+        self.device: torch.device = self.engine.device
+        self.reference: nn.Module | None = None
+        if config.algo.kl_coef > 0:
+            reference = ResponseLogProbs(load_model(model_path, cfg, trainable=False), temperature)
+            self.reference = build_reference(reference, cfg, self.world_size, self.device)
+
+    @property
+    def policy(self) -> PreTrainedModel:
+        """The Hugging Face policy, parameters named as in its checkpoint (for ``RayWeightSync.sync_model``)."""
+        return self.engine.module.model
+
+    # ----------------------------------------------------------------- advantages
+
+    def advantages(self, batch: Sequence[Experience]) -> torch.Tensor:
+        """(N,) float32 advantages of the whole rollout ``batch`` on this rank's device.
+
+        ``config.algo`` picks the estimator; a sample's ``success`` of None means
+        ``reward >= algo.success_threshold``. Random estimators draw from a generator
+        seeded by ``(seed, step)``, so every rank gets the same values.
+        """
+        algo = self.config.algo
+        scores = torch.tensor([e.reward for e in batch], dtype=torch.float64, device=self.device)
+        success = torch.tensor(
+            [e.reward >= algo.success_threshold if e.success is None else e.success for e in batch],
+            dtype=torch.bool,
+            device=self.device,
+        )
+        generator = torch.Generator(device=self.device).manual_seed(derive_seed(self.config.seed, self.step))
+        return compute_advantages(
+            scores,
+            torch.tensor([e.group_id for e in batch], dtype=torch.long, device=self.device),
+            algo.estimator,
+            success=success,
+            success_threshold=algo.success_threshold,
+            std=algo.std,
+            eps=algo.eps,
+            generator=generator,
+        )
+
+    # ----------------------------------------------------------------- log-probs
+
+    @torch.no_grad()
+    def compute_log_probs(self, batch: Sequence[Experience]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs and entropies of this rank's ``batch`` at the current weights.
+
+        Returns two (N, L) float32 tensors on the learner device, L the longest response,
+        0 past each response's end (``response_mask`` gives the valid positions).
+        """
+        vision = encode_images(batch, self.image_processor, self.image_token_id)
+        log_probs, entropy = self._log_probs(self.engine, batch, vision, with_entropy=True)
+        return log_probs, entropy
+
+    def _log_probs(
+        self, module: nn.Module, batch: Sequence[Experience], vision: Sequence[VisionInput | None], with_entropy: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(N, L) log-probs, and entropies when ``with_entropy``, of ``module`` (policy engine or reference)."""
+        shape = (len(batch), max((len(e.response_ids) for e in batch), default=0))
+        log_probs = torch.zeros(shape, device=self.device)
+        entropy = torch.zeros(shape, device=self.device) if with_entropy else None
+        module.eval()
+        try:
+            for part in self._micro_batches(batch):
+                # An empty part runs one sample only to keep this rank in step with the others.
+                lp, ent = module(self._collate(batch, vision, part or [0]), with_entropy=with_entropy)
+                if part:
+                    log_probs[part, : lp.shape[1]] = lp
+                    if entropy is not None:
+                        entropy[part, : ent.shape[1]] = ent
+        finally:
+            self.engine.train()  # the reference always stays in eval mode
+        return log_probs, entropy
+
+    def _micro_batches(self, batch: Sequence[Experience]) -> list[list[int]]:
+        """Token-budget micro-batches of ``batch``, as many on every rank.
+
+        ZeRO-2/3 run a collective in every forward or backward, so ranks must run the
+        same number: each rank splits further to the largest count, and pads with
+        empty parts (run on one sample with zero weight) if it runs out of samples.
+        """
+        prompt_lens = [len(e.prompt_ids) for e in batch]
+        response_lens = [len(e.response_ids) for e in batch]
+        budget = self.config.learner.micro_batch_tokens
+        parts = token_budget_micro_batches(prompt_lens, response_lens, budget)
+        count = torch.tensor(len(parts), device=self.device)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        parts = token_budget_micro_batches(prompt_lens, response_lens, budget, min_count=int(count))
+        return parts + [[] for _ in range(int(count) - len(parts))]
+
+    def _collate(
+        self, batch: Sequence[Experience], vision: Sequence[VisionInput | None], rows: list[int]
+    ) -> PolicyInputs:
+        inputs = collate(
+            [batch[i] for i in rows],
+            [vision[i] for i in rows],
+            pad_token_id=self.pad_token_id,
+            image_token_id=self.image_token_id,
+        )
+        return inputs.to(self.device)
+
+    # ----------------------------------------------------------------- update
+
+    def update(self, batch: Sequence[Experience], advantages: torch.Tensor) -> dict[str, float]:
+        """One PPO/MAPO update on this rank's shard ``batch`` (N) with its ``advantages`` (N,).
+
+        Recomputes the old log-probs at the current weights (and the reference's when
+        ``algo.kl_coef > 0``), then for each of ``learner.ppo_epochs`` passes takes one
+        optimizer step per mini-batch (``learner.updates_per_step`` of them), each
+        accumulated over token-budget micro-batches. Each micro-batch's loss is scaled
+        so that the summed, rank-averaged gradient is that of ``algo.loss_agg_mode``
+        over the whole mini-batch across all ranks.
+
+        Returns metrics, equal on every rank: ``actor/pg_loss``, ``actor/kl`` (with a
+        KL term), ``actor/clip_frac``, ``actor/dual_clip_frac`` (with dual-clip),
+        ``actor/approx_kl`` (means over the update), ``actor/entropy`` (token mean
+        before the update), ``actor/grad_norm`` (mean of the pre-clip norms),
+        ``actor/lr`` (of the last step) and ``actor/rollout_logprob_abs_diff`` (token
+        mean of |learner - sampler| log-prob before the update).
+        """
+        cfg = self.config.learner
+        if advantages.shape != (len(batch),):
+            raise ValueError(f"update: {len(batch)} experiences but advantages of shape {tuple(advantages.shape)}")
+        bad = (~torch.isfinite(advantages)).nonzero().flatten()
+        if bad.numel():
+            raise ValueError(f"update: advantages must be finite; NaN or inf at positions {bad[:5].tolist()}")
+        minibatches = split_minibatches(len(batch), cfg.updates_per_step)
+        advantages = advantages.to(self.device, torch.float32)
+        vision = encode_images(batch, self.image_processor, self.image_token_id)
+
+        with torch.no_grad():
+            old_log_probs, entropy = self._log_probs(self.engine, batch, vision, with_entropy=True)
+            ref_log_probs = None
+            if self.reference is not None:
+                ref_log_probs, _ = self._log_probs(self.reference, batch, vision, with_entropy=False)
+        mask = _response_mask(batch, old_log_probs.shape[1], self.device)
+        sampler = torch.zeros_like(old_log_probs)
+        sampler[mask] = torch.tensor([p for e in batch for p in e.response_logprobs], device=self.device)
+
+        sums: dict[str, float] = {}
+        grad_norms, lr = [], 0.0
+        for _ in range(cfg.ppo_epochs):
+            for minibatch in minibatches:
+                step_sums, grad_norm, lr = self._optimizer_step(
+                    batch, vision, minibatch, advantages, old_log_probs, ref_log_probs
+                )
+                grad_norms.append(grad_norm)
+                for name, value in step_sums.items():
+                    sums[name] = sums.get(name, 0.0) + value
+        steps = len(grad_norms)
+        sums["entropy_sum"] = float((entropy * mask).sum())
+        sums["logprob_diff_sum"] = float(((old_log_probs - sampler).abs() * mask).sum())
+        sums["tokens"] = float(mask.sum())
+        totals = self._sum_over_ranks(sums)
+        self.step += 1
+
+        metrics = {"actor/grad_norm": sum(grad_norms) / steps, "actor/lr": lr}
+        tokens = totals.pop("tokens")
+        metrics["actor/entropy"] = totals.pop("entropy_sum") / max(tokens, 1.0)
+        metrics["actor/rollout_logprob_abs_diff"] = totals.pop("logprob_diff_sum") / max(tokens, 1.0)
+        step_tokens = totals.pop("step_tokens")
+        for name, value in totals.items():
+            # Loss metrics are already shares of each step's global loss; the rest are token-weighted.
+            metrics[f"actor/{name}"] = value / steps if name in _LOSS_METRICS else value / max(step_tokens, 1.0)
+        return metrics
+
+    def _optimizer_step(
+        self,
+        batch: Sequence[Experience],
+        vision: Sequence[VisionInput | None],
+        minibatch: list[int],
+        advantages: torch.Tensor,
+        old_log_probs: torch.Tensor,
+        ref_log_probs: torch.Tensor | None,
+    ) -> tuple[dict[str, float], float, float]:
+        """Forward/backward every micro-batch of ``minibatch`` (indices into ``batch``), then step.
+
+        Returns this rank's metric sums (each loss metric times its micro-batch's share
+        of the global loss, each other metric times its micro-batch's tokens, and
+        ``step_tokens``), the step's global pre-clip gradient norm and its lr.
+        """
+        algo = self.config.algo
+        mode = algo.loss_agg_mode
+        members = [batch[i] for i in minibatch]
+        local = torch.tensor(_loss_denominator([len(e.response_ids) for e in members], mode), device=self.device)
+        dist.all_reduce(local)
+        global_denominator = max(float(local), 1.0)
+
+        sums: dict[str, float] = {"step_tokens": 0.0}
+        nonfinite_groups: set[int] = set()
+        parts = self._micro_batches(members)
+        for k, part in enumerate(parts):
+            rows = [minibatch[i] for i in part]
+            # An empty part runs one sample at zero weight, to keep this rank in step.
+            run_rows = rows or [minibatch[0]]
+            # DeepSpeed reduces gradients and lets step() update only at the boundary.
+            self.engine.set_gradient_accumulation_boundary(k == len(parts) - 1)
+            inputs = self._collate(batch, vision, run_rows)
+            log_probs, _ = self.engine(inputs)
+            width = log_probs.shape[1]
+            index = torch.tensor(run_rows, device=self.device)
+            loss, loss_metrics = compute_policy_loss(
+                algo,
+                log_probs,
+                old_log_probs[index, :width],
+                expand_to_tokens(advantages[index], inputs.response_mask),
+                inputs.response_mask,
+                None if ref_log_probs is None else ref_log_probs[index, :width],
+                norm_length=self.config.rollout.max_new_tokens,
+            )
+            if rows and not torch.isfinite(loss):
+                nonfinite_groups.update(batch[i].group_id for i in rows)
+            response_lens = [len(batch[i].response_ids) for i in rows]
+            # DeepSpeed averages gradients over ranks, hence the world size.
+            share = _loss_denominator(response_lens, mode) / global_denominator
+            self.engine.backward(loss * (share * self.world_size))
+            tokens = float(sum(response_lens))
+            sums["step_tokens"] += tokens
+            for name, value in loss_metrics.items():
+                weight = share if name in _LOSS_METRICS else tokens
+                sums[name] = sums.get(name, 0.0) + float(value) * weight
+        self._check_finite(nonfinite_groups)
+        lr = self.engine.get_lr()[0]
+        own_norm = None
+        if self.engine.zero_optimization_stage() == 0 and not self.engine.bfloat16_enabled():
+            # Here DeepSpeed steps the bare torch optimizer and keeps no norm; measure it
+            # (the boundary backward has already averaged the gradients over ranks).
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            own_norm = float(torch.nn.utils.get_total_norm(grads))
+        self.engine.step()
+        norm = own_norm if own_norm is not None else self.engine.get_global_grad_norm()
+        if norm is None:
+            raise RuntimeError("DeepSpeed reported no gradient norm for the last step")
+        return sums, float(norm), lr
+
+    def _check_finite(self, nonfinite_groups: set[int]) -> None:
+        """Raise on every rank, before the optimizer step, if any rank had a NaN or inf loss.
+
+        The weights stay as they were; the gradients accumulated so far are not used.
+        """
+        count = torch.tensor(len(nonfinite_groups), device=self.device)
+        dist.all_reduce(count)
+        if int(count):
+            where = f"in group(s) {sorted(nonfinite_groups)[:10]}" if nonfinite_groups else "on another rank"
+            raise FloatingPointError(
+                f"learner rank {self.rank}, update {self.step}: non-finite policy loss {where}; no step was taken"
+            )
+
+    def _sum_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        names = sorted(values)
+        tensor = torch.tensor([values[n] for n in names], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return dict(zip(names, tensor.tolist()))
+
+    # ----------------------------------------------------------------- weights and checkpoints
+
+    def named_parameters_for_sync(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, full tensor)`` of the policy for a weight broadcast, in ``parameter_specs`` order.
+
+        Under ZeRO-3 this gathers, so every rank must drain it in step (rank 0 sends).
+        Honours ``sync.bucket_mb`` (gather chunk) and ``sync.trainable_only``.
+        """
+        return named_parameters_for_sync(self.policy, self.config.sync.bucket_bytes, self.config.sync.trainable_only)
+
+    def save(self, folder: str | os.PathLike, client_state: dict[str, Any] | None = None) -> None:
+        """Write this rank's part of the learner state into ``folder`` (collective).
+
+        DeepSpeed writes weights, optimizer and schedule (ZeRO: one shard file per
+        rank), this rank writes ``rng_rank{rank}.pt``, and the step count plus
+        ``client_state`` (e.g. the loop's data position) ride in DeepSpeed's file.
+        On several nodes, ``folder`` must end up whole on every node before ``load``
+        (shared storage, or Ray Train's checkpoint upload merges the ranks' files).
+        """
+        folder = Path(folder)
+        state = {"learner_step": self.step, "client_state": client_state or {}}
+        self.engine.save_checkpoint(str(folder), tag=_CHECKPOINT_TAG, client_state=state)
+        torch.save(rng_state(), folder / f"rng_rank{self.rank}.pt")
+        dist.barrier()
+
+    def load(self, folder: str | os.PathLike) -> dict[str, Any]:
+        """Restore what ``save`` wrote (collective; same world size and ZeRO stage); returns its ``client_state``.
+
+        Call it on a freshly built learner, before any update: under ZeRO-3 DeepSpeed
+        cannot load into an engine that has already trained.
+        """
+        folder = Path(folder)
+        rng_file = folder / f"rng_rank{self.rank}.pt"
+        for needed in (folder / _CHECKPOINT_TAG, rng_file):
+            if not needed.exists():
+                raise FileNotFoundError(f"learner checkpoint {folder}: {needed.name} is missing (rank {self.rank})")
+        path, state = self.engine.load_checkpoint(str(folder), tag=_CHECKPOINT_TAG)
+        if path is None:
+            raise RuntimeError(f"learner checkpoint {folder}: DeepSpeed could not load it (see its log above)")
+        set_rng_state(torch.load(rng_file, weights_only=True))
+        self.step = state["learner_step"]
+        return state["client_state"]
+
+    def export_hf(self, folder: str | os.PathLike) -> None:
+        """Save the policy as a Hugging Face folder (weights, config, tokenizer, image processor).
+
+        Collective: under ZeRO-3 the parameters are gathered chunk by chunk; rank 0 writes.
+        """
+        state: dict[str, torch.Tensor] = {}
+        for name, tensor in named_parameters_for_sync(self.policy, self.config.sync.bucket_bytes):
+            if self.rank == 0:
+                state[name] = tensor.detach().to("cpu", copy=True)
+        if self.rank == 0:
+            self.policy.save_pretrained(folder, state_dict=state)
+            AutoTokenizer.from_pretrained(self.model_path).save_pretrained(folder)
+            if self.image_processor is not None:
+                self.image_processor.save_pretrained(folder)
+        dist.barrier()
+
+
+def _response_mask(batch: Sequence[Experience], width: int, device: torch.device) -> torch.Tensor:
+    """(N, width) bool, True on each sample's response tokens."""
+    lengths = torch.tensor([len(e.response_ids) for e in batch], device=device)
+    return torch.arange(width, device=device) < lengths.unsqueeze(-1)
+
+
+def _loss_denominator(response_lens: Sequence[int], mode: str) -> float:
+    """What ``aggregate_loss`` divides by in ``mode``, for responses of these lengths.
+
+    token-mean: tokens; seq-mean-token-mean: non-empty responses;
+    seq-mean-token-sum-norm: responses.
+    """
+    if mode == "token-mean":
+        return float(sum(response_lens))
+    if mode == "seq-mean-token-mean":
+        return float(sum(1 for n in response_lens if n > 0))
+    if mode == "seq-mean-token-sum-norm":
+        return float(len(response_lens))
+    raise ValueError(f"unknown loss aggregation mode {mode!r}")
