@@ -63,9 +63,13 @@ class DataConfig:
 
     # "geo3k": images/problem/answer rows; "emoset": one image and an emotion label per row.
     layout: Literal["geo3k", "emoset"] = "geo3k"
-    # Each is a file, folder or glob, a pyarrow URI (s3://, gs://) or a hub dataset "org/name@split".
+    # Each is a file, folder or glob, a pyarrow URI (s3://, gs://), a hub dataset
+    # "org/name@split", or "synthetic": the task of mapo_ray.data.synthetic, written on
+    # first use (synthetic_train / synthetic_test rows, seeded by the root ``seed``).
     train: str = "hiyouga/geometry3k@train"
     test: str = "hiyouga/geometry3k@test"
+    synthetic_train: int = 2000
+    synthetic_test: int = 200
     # Images are resized to multiples of 28 px within [min_pixels, max_pixels], as Qwen2.5-VL
     # does. 1280 merged vision tokens at most, so one image fits a 2048-token prompt.
     min_pixels: int = 56 * 56
@@ -75,8 +79,9 @@ class DataConfig:
     max_decode_pixels: int = 89_478_485
     # Rows per read task: the unit of parallelism and of block-level shuffling.
     rows_per_block: int = 64
-    # Prompt-preparation actors; each loads the tokenizer once.
+    # Prompt-preparation actors (each loads the tokenizer once) and the CPUs each reserves.
     num_workers: int = 2
+    cpus_per_worker: float = 1.0
     # Reshuffle blocks and the rows inside them every epoch (seeded by the root ``seed``).
     shuffle: bool = True
     # Hub datasets: cache folder (None: huggingface_hub's default) and per-request timeout.
@@ -84,7 +89,17 @@ class DataConfig:
     hub_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
-        positive = ("min_pixels", "max_pixels", "max_decode_pixels", "rows_per_block", "num_workers", "hub_timeout_s")
+        positive = (
+            "min_pixels",
+            "max_pixels",
+            "max_decode_pixels",
+            "rows_per_block",
+            "num_workers",
+            "cpus_per_worker",
+            "hub_timeout_s",
+            "synthetic_train",
+            "synthetic_test",
+        )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"data.{name} must be positive, got {getattr(self, name)}")
@@ -219,9 +234,102 @@ class RolloutConfig:
         if any(not s for s in self.stop):
             raise ValueError(f"rollout.stop must hold non-empty strings, got {self.stop}")
         if self.engine == "hf" and self.tensor_parallel_size != 1:
-            raise ValueError("rollout.tensor_parallel_size > 1 needs rollout.engine 'vllm'; the HF engine runs on one device")
+            raise ValueError(
+                "rollout.tensor_parallel_size > 1 needs rollout.engine 'vllm'; the HF engine runs on one device"
+            )
         if self.sleep_between_rollouts and (self.engine != "vllm" or self.device != "cuda"):
             raise ValueError("rollout.sleep_between_rollouts needs rollout.engine 'vllm' on rollout.device 'cuda'")
+
+
+@dataclass
+class LearnerConfig:
+    """The policy under DeepSpeed and its PPO/MAPO updates (``mapo_ray.learner``)."""
+
+    # 0: plain data parallel; 1: shard optimizer states; 2: also gradients; 3: also parameters.
+    zero_stage: int = 2
+    # "auto": bf16 on GPU, fp32 on CPU.
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    # torch AdamW and global-norm gradient clipping (0: none); the paper: 1e-6, 1e-2, 1.0.
+    lr: float = 1e-6
+    weight_decay: float = 1e-2
+    grad_clip: float = 1.0
+    # Linear warm-up over this many optimizer steps; then constant, or, when lr_decay_steps
+    # is set, a cosine decay to min_lr_ratio * lr over that many steps.
+    lr_warmup_steps: int = 0
+    lr_decay_steps: int | None = None
+    min_lr_ratio: float = 0.0
+    # Each rollout batch is split into updates_per_step mini-batches, one optimizer step
+    # each, and passed over ppo_epochs times (the paper: 4 and 1).
+    updates_per_step: int = 4
+    ppo_epochs: int = 1
+    # Padded prompt + response tokens of one forward/backward on one rank.
+    micro_batch_tokens: int = 16384
+    gradient_checkpointing: bool = False
+    # Keep the vision tower (merger included) at its loaded weights.
+    freeze_vision_tower: bool = False
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"learner.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        for name in ("lr", "updates_per_step", "ppo_epochs", "micro_batch_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"learner.{name} must be positive, got {getattr(self, name)}")
+        for name in ("weight_decay", "grad_clip", "lr_warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"learner.{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr_decay_steps is not None and self.lr_decay_steps <= 0:
+            raise ValueError(f"learner.lr_decay_steps must be positive or null, got {self.lr_decay_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"learner.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.min_lr_ratio and self.lr_decay_steps is None:
+            raise ValueError("learner.min_lr_ratio is only read with learner.lr_decay_steps set")
+
+
+@dataclass
+class TrainerConfig:
+    """The training run that ``mapo_ray.loop`` drives: its length, batch, mode, evals and checkpoints."""
+
+    # A Hugging Face folder or hub id; "tiny-vl" is the tiny offline Qwen2.5-VL (mapo_ray.models).
+    model: str = "Qwen/Qwen2.5-VL-7B-Instruct"
+    total_steps: int = 100
+    # Prompts per rollout batch (each gives rollout.group_size responses); the paper: 512.
+    prompts_per_step: int = 512
+    # "on_policy": batch v+1 is sampled with the weights of step v. "async": the next batch
+    # is sampled while the learner trains, from weights at most max_staleness versions old.
+    mode: Literal["on_policy", "async"] = "on_policy"
+    max_staleness: int = 1
+    # Ray Train workers of the learner and the CPUs each reserves; use_gpu None means
+    # "if the cluster has GPUs".
+    num_learners: int = 1
+    cpus_per_learner: float = 1.0
+    use_gpu: bool | None = None
+    # DAPO's dynamic sampling: drop groups whose accuracy is all 0 or all 1 and sample more
+    # prompts, at most max_extra_rounds more rollout rounds per step.
+    dynamic_sampling: bool = False
+    max_extra_rounds: int = 3
+    # Evaluation on the test split every eval_every steps and at the end (0: never), on at
+    # most eval_prompts prompts (None: all), sampled as the paper evaluates (or greedily).
+    eval_every: int = 5
+    eval_prompts: int | None = None
+    eval_temperature: float = 0.5
+    eval_top_p: float = 0.95
+    eval_max_new_tokens: int | None = None
+    # A Ray Train checkpoint every checkpoint_every steps and at the end; keep the newest few.
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 2
+    # Learner-worker failures Ray Train recovers from (restoring the latest checkpoint).
+    max_failures: int = 0
+
+    def __post_init__(self) -> None:
+        positive = ("total_steps", "prompts_per_step", "max_staleness", "num_learners", "cpus_per_learner")
+        for name in (*positive, "checkpoint_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"trainer.{name} must be positive, got {getattr(self, name)}")
+        for name in ("max_extra_rounds", "eval_every", "keep_checkpoints", "max_failures"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"trainer.{name} must be >= 0, got {getattr(self, name)}")
+        if self.eval_prompts is not None and self.eval_prompts <= 0:
+            raise ValueError(f"trainer.eval_prompts must be positive or null, got {self.eval_prompts}")
 
 
 @dataclass
@@ -234,6 +342,8 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
 # Each preset is a nested dict applied over the defaults, exactly like a YAML file.
@@ -250,9 +360,44 @@ PRESETS: dict[str, dict[str, Any]] = {
             "kl_estimator": "low_var_kl",
         },
     },
-    # The tiny CPU policy learns from scratch in minutes; a KL anchor to its random
-    # initialisation would only slow it down.
-    "cpu-tiny": {"algo": {"kl_coef": 0.0}},
+    # The embedded default: the tiny offline Qwen2.5-VL on the synthetic task, on CPU,
+    # end to end in a few minutes on 2 cores. A KL anchor to a random initialisation
+    # would only slow the tiny policy down.
+    "cpu-tiny": {
+        "algo": {"kl_coef": 0.0},
+        "trainer": {
+            "model": "tiny-vl",
+            "total_steps": 12,
+            "prompts_per_step": 16,
+            "num_learners": 1,
+            # Fractions so that every actor fits a 2-core machine's 2 logical CPUs.
+            "cpus_per_learner": 0.5,
+            "use_gpu": False,
+            "eval_every": 6,
+            "eval_prompts": 64,
+            "checkpoint_every": 6,
+        },
+        "data": {
+            "train": "synthetic",
+            "test": "synthetic",
+            "synthetic_train": 512,
+            "synthetic_test": 64,
+            "min_pixels": 28 * 28 * 4,
+            "max_pixels": 28 * 28 * 64,
+            "num_workers": 1,
+            "cpus_per_worker": 0.25,
+            "rows_per_block": 32,
+        },
+        "rollout": {
+            "group_size": 4,
+            "max_new_tokens": 48,
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "num_cpus_per_actor": 0.5,
+        },
+        "reward": {"num_workers": 1, "cpus_per_worker": 0.25},
+        "learner": {"zero_stage": 0, "lr": 1e-4, "updates_per_step": 2},
+    },
 }
 
 

@@ -77,7 +77,11 @@ def prompt_dataset(
     units = plan_reads(source.files, cfg.rows_per_block, shuffle=cfg.shuffle, seed=seed, epoch=epoch)
     if source.files[0].format == "parquet":
         dataset = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
-            read_units, batch_size=1, batch_format="pyarrow", fn_kwargs={"filesystem": source.filesystem}
+            read_units,
+            batch_size=1,
+            batch_format="pyarrow",
+            fn_kwargs={"filesystem": source.filesystem},
+            num_cpus=cfg.cpus_per_worker,
         )
     else:
         # JSON lines hold only paths and labels: cheap to read here, and slicing them in the
@@ -89,6 +93,7 @@ def prompt_dataset(
         batch_size=None,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.num_workers),
+        num_cpus=cfg.cpus_per_worker,
         fn_constructor_kwargs=dict(
             tokenizer_path=str(tokenizer_path),
             layout=source.layout,

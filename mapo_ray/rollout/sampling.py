@@ -7,9 +7,10 @@ vLLM reports with ``logprobs_mode="processed_logprobs"`` and what ``HFEngine`` s
 from. Greedy decoding (temperature 0) reports the plain softmax of the logits, as vLLM
 does for greedy requests.
 
-The learner must compute its log-probabilities of the same tokens with
-``token_logprobs`` and the same temperature and top-p, so that the PPO ratio compares
-two probabilities of one kind.
+The learner recomputes both sides of its PPO ratio itself, with the temperature but
+without the top-p cut (a token outside its own nucleus would get -inf); these sampler
+values are compared with its own only as a metric (``actor/rollout_logprob_abs_diff``),
+and equal them at top-p 1 and for greedy decoding.
 """
 
 from __future__ import annotations

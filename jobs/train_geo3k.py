@@ -1,0 +1,49 @@
+"""Train a vision-language policy on Geo3K-layout data with MAPO (or another estimator).
+
+    python jobs/train_geo3k.py                                  # cpu-tiny where there is no GPU
+    python jobs/train_geo3k.py --preset geo3k-qwen25vl-7b       # the paper's run, 8 GPUs
+    ray job submit --working-dir . -- python jobs/train_geo3k.py --preset cpu-tiny
+    python jobs/train_geo3k.py --output runs/x --resume auto    # continue a run
+
+Options: --config FILE, --preset NAME, --set key=value (repeatable), --resume, --output.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from mapo_ray.job import connect_ray, job_config, job_parser, resolve_inputs, run_folder, summarize
+from mapo_ray.loop import train
+from mapo_ray.reward.pool import RewardPool
+from mapo_ray.rollout.actor import create_rollout_actors
+
+
+def main() -> None:
+    args = job_parser(__doc__.splitlines()[0]).parse_args()
+    started = time.perf_counter()
+
+    connect_ray()
+    config, preset = job_config(args)
+    run_dir = run_folder(args.output, preset, args.resume)
+    config, model_path = resolve_inputs(config)
+    print(f"run folder: {run_dir}\nmodel: {model_path}\ntrain data: {config.data.train}", flush=True)
+
+    # The driver owns the rollout and reward actors; the learner reaches them through Ray Train.
+    rollout_actors = create_rollout_actors(config.rollout, model_path, seed=config.seed)
+    reward_pool = RewardPool(config.reward)
+
+    resume_from = Path(args.resume) if args.resume not in (None, "auto") else None
+    train(
+        config,
+        run_dir=run_dir,
+        model_path=model_path,
+        rollout_actors=rollout_actors,
+        reward_pool=reward_pool,
+        resume_from=resume_from,
+    )
+    print("\n" + summarize(run_dir, time.perf_counter() - started), flush=True)
+
+
+if __name__ == "__main__":
+    main()

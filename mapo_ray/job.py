@@ -1,0 +1,127 @@
+"""What every training job script does before and after ``mapo_ray.loop.train``.
+
+Kept here so that ``jobs/train_geo3k.py`` and ``jobs/train_emoset.py`` read top to
+bottom as recipes: arguments, Ray, config, data and model, actors, train, summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import ray
+
+from mapo_ray.config import Config, load_config
+from mapo_ray.data.synthetic import write_task
+from mapo_ray.models.tiny import cache_dir, tiny_vl_path
+from mapo_ray.telemetry.records import METRICS_FILE, read_metrics
+
+SYNTHETIC = "synthetic"
+TINY_VL = "tiny-vl"
+# What a machine without GPUs runs by default; with GPUs the job needs a preset or config.
+CPU_PRESET = "cpu-tiny"
+
+
+def job_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", type=Path, help="YAML config file (applied over the preset)")
+    parser.add_argument("--preset", help=f"named preset (default: {CPU_PRESET} on a cluster without GPUs)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable"
+    )
+    parser.add_argument(
+        "--resume",
+        help="'auto': continue from the newest checkpoint in --output; or a checkpoint folder to start from",
+    )
+    parser.add_argument("--output", type=Path, help="run folder (default: runs/<preset>-<time>)")
+    return parser
+
+
+def connect_ray() -> None:
+    """Join the cluster this job runs in (``ray job submit`` sets RAY_ADDRESS), else start a local one."""
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address="auto")
+        return
+    # A local throw-away cluster: let its dashboard open without Ray 2.60's token.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    context = ray.init()
+    if context.dashboard_url:
+        print(f"Ray dashboard: http://{context.dashboard_url}", flush=True)
+
+
+def job_config(args: argparse.Namespace) -> tuple[Config, str | None]:
+    """The config of ``args``; without --preset or --config, ``cpu-tiny`` where the cluster has no GPU."""
+    preset = args.preset
+    if preset is None and args.config is None and not ray.cluster_resources().get("GPU", 0):
+        preset = CPU_PRESET
+    return load_config(args.config, preset=preset, overrides=args.overrides), preset
+
+
+def run_folder(output: Path | None, preset: str | None, resume: str | None) -> Path:
+    """The run folder; an existing run there needs ``--resume auto`` (never overwritten silently)."""
+    folder = output or Path("runs") / f"{preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if (folder / "checkpoints").exists() and resume != "auto":
+        raise SystemExit(f"{folder} already holds a run: pass --resume auto to continue it, or another --output")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder.resolve()
+
+
+def resolve_inputs(config: Config) -> tuple[Config, Path]:
+    """Write the synthetic task if the config asks for it, and find the model folder."""
+    data = config.data
+    if SYNTHETIC in (data.train, data.test):
+        folder = cache_dir().parent / "data" / f"synthetic-s{config.seed}-{data.synthetic_train}x{data.synthetic_test}"
+        train, test = folder / "train.parquet", folder / "test.parquet"
+        if not (train.exists() and test.exists()):
+            print(f"writing the synthetic task to {folder}", flush=True)
+            write_task(folder, data.synthetic_train, data.synthetic_test, config.seed)
+        data = dataclasses.replace(
+            data,
+            train=str(train) if data.train == SYNTHETIC else data.train,
+            test=str(test) if data.test == SYNTHETIC else data.test,
+        )
+    model = config.trainer.model
+    model_path = tiny_vl_path() if model == TINY_VL else Path(model)
+    if model != TINY_VL and not model_path.exists():
+        from huggingface_hub import snapshot_download
+
+        model_path = Path(snapshot_download(model))
+    return dataclasses.replace(config, data=data), model_path
+
+
+def summarize(run_dir: Path, wall_s: float) -> str:
+    """The closing summary: time split, first and last step, evaluation, where outputs are."""
+    history = read_metrics(run_dir / METRICS_FILE)
+    steps = [history.train[s] for s in sorted(history.train)]
+
+    def value(m: dict[str, float | None], key: str) -> float:
+        v = m.get(key)
+        return float("nan") if v is None else v
+
+    lines = [f"run folder: {run_dir}", f"wall time: {wall_s:.0f} s"]
+    if steps:
+        total = sum(value(m, "time/step_s") for m in steps)
+        split = []
+        for phase in ("generate", "reward", "learner", "sync"):
+            seconds = sum(value(m, f"time/{phase}_s") for m in steps)
+            split.append(f"{phase} {seconds:.0f} s ({100 * seconds / total:.0f}%)")
+        lines.append(f"{len(steps)} steps, {total:.0f} s in steps: " + ", ".join(split))
+        first, last = min(history.train), max(history.train)
+        for name, step, m in (("first step", first, steps[0]), ("last step", last, steps[-1])):
+            lines.append(
+                f"{name} {step}: reward {value(m, 'reward/mean'):.3f}, "
+                f"accuracy {value(m, 'reward/accuracy'):.3f}, format {value(m, 'reward/format'):.3f}"
+            )
+    if history.evals:
+        last = max(history.evals)
+        lines.append(f"evaluation at step {last}: accuracy {value(history.evals[last], 'eval/accuracy'):.3f}")
+    lines += [
+        f"metrics: {run_dir / METRICS_FILE} (TensorBoard: tensorboard --logdir {run_dir})",
+        f"plots: {run_dir / 'curves.png'}, {run_dir / 'certainty.png'}",
+        f"checkpoints: {run_dir / 'checkpoints'}",
+        f"final policy (Hugging Face format): {run_dir / 'policy'}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,478 @@
+"""One training step, on-policy or async, and the Ray Train loop that repeats it.
+
+Every learner rank runs ``train_loop_per_worker``; rank 0 also drives the rollout
+side, which the job driver created and handed over in ``train_loop_config``::
+
+    rank 0:  prompts ─► rollout actors ─► reward pool ─► experiences ─┐
+    all:                         advantages ◄── broadcast batch ◄─────┘
+                                 ─► update (DeepSpeed) ─► rank 0 syncs weights ─► actors
+                                 ─► report metrics / checkpoint to Ray Train
+
+On-policy (the default), batch v+1 is sampled after the weights of step v reached the
+actors. Async mode launches the next ``trainer.max_staleness`` batches before the
+update, so generation overlaps training; every sample carries the weight version that
+sampled it, and a batch older than the bound is an error, not a silent mix.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+import torch.distributed as dist
+from ray.actor import ActorHandle
+
+from mapo_ray.algo import advantage_diagnostics, dapo_group_filter
+from mapo_ray.config import Config
+from mapo_ray.data.pipeline import PromptBatches, open_split, prompt_dataset
+from mapo_ray.learner import Experience, Learner, shard_by_group
+from mapo_ray.reward import GroupRequest, GroupResult, failure_metrics
+from mapo_ray.reward.pool import RewardPool
+from mapo_ray.rollout import Group, Prompt, SamplingParams, count_tokens, prompts_from_batch
+from mapo_ray.rollout.actor import collect
+from mapo_ray.rollout.sampling import derive_seed
+from mapo_ray.sync.ray_sync import RayWeightSync
+from mapo_ray.telemetry import RunLogger
+
+# Salts of the seed streams, so training and evaluation never share samples.
+_TRAIN_SEED, _EVAL_SEED = 1, 2
+
+
+# ------------------------------------------------------------------------- prompts
+
+
+@dataclass(frozen=True)
+class DataPosition:
+    """Where the training stream stands: ``taken`` prompts into epoch ``epoch``."""
+
+    epoch: int = 0
+    taken: int = 0
+
+
+class PromptStream:
+    """Training prompts, epoch after epoch in seeded order, resumable from a ``DataPosition``.
+
+    Ray Data decodes and templates on its own CPU workers; this only pulls finished
+    prompts. Resuming is exact when the current ``DataContext`` preserves order.
+    """
+
+    def __init__(self, config: Config, tokenizer_path: str, position: DataPosition) -> None:
+        self._config = config
+        self._tokenizer_path = tokenizer_path
+        self._source = open_split(config.data, "train")
+        self.position = position
+        self._earlier: dict[str, float] = {}  # counts of the epochs already finished
+        self._batches: PromptBatches | None = None
+        self._open_epoch(position.epoch, skip=position.taken)
+
+    def take(self, n: int) -> list[Prompt]:
+        """The next ``n`` prompts, continuing into the next epoch when this one ends."""
+        out: list[Prompt] = []
+        empty_epochs = 0
+        while len(out) < n:
+            prompt = next(self._iter, None)
+            if prompt is None:
+                empty_epochs = empty_epochs + 1 if not out else 0
+                if empty_epochs > 1:
+                    raise RuntimeError(f"data.train {self._config.data.train!r} yields no usable prompt")
+                self._open_epoch(self.position.epoch + 1, skip=0)
+                continue
+            out.append(prompt)
+            self.position = DataPosition(self.position.epoch, self.position.taken + 1)
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        """``data/prompts`` and ``data/skipped/<reason>`` since this stream started."""
+        assert self._batches is not None
+        current = self._batches.metrics()
+        return {name: float(self._earlier.get(name, 0) + current[name]) for name in current}
+
+    def _open_epoch(self, epoch: int, skip: int) -> None:
+        if self._batches is not None:
+            self._earlier = self.metrics()
+        dataset = prompt_dataset(
+            self._source, self._config.data, tokenizer_path=self._tokenizer_path, seed=self._config.seed, epoch=epoch
+        )
+        self._batches = PromptBatches(dataset, batch_size=self._config.trainer.prompts_per_step)
+        self._iter = (p for batch in self._batches for p in prompts_from_batch(batch))
+        self.position = DataPosition(epoch, 0)
+        for _ in range(skip):
+            if next(self._iter, None) is None:
+                break
+            self.position = DataPosition(epoch, self.position.taken + 1)
+
+
+def load_eval_prompts(config: Config, tokenizer_path: str) -> list[Prompt]:
+    """The first ``trainer.eval_prompts`` prompts of the test split (all when None), in fixed order."""
+    limit = config.trainer.eval_prompts
+    dataset = prompt_dataset(
+        open_split(config.data, "test"), config.data, tokenizer_path=tokenizer_path, seed=config.seed
+    )
+    prompts: list[Prompt] = []
+    for batch in PromptBatches(dataset, batch_size=256):
+        prompts += prompts_from_batch(batch)
+        if limit is not None and len(prompts) >= limit:
+            return prompts[:limit]
+    return prompts
+
+
+# ------------------------------------------------------------------------- rollouts
+
+
+@dataclass
+class Launch:
+    """Rollout calls in flight for one batch of prompts, and where the stream stood before it."""
+
+    prompts: list[Prompt]
+    refs: dict[ray.ObjectRef, str]
+    position: DataPosition
+    started: float = field(default_factory=time.perf_counter)
+
+
+def launch(actors: Mapping[str, ActorHandle], prompts: list[Prompt], params: SamplingParams, position: DataPosition) -> Launch:
+    """Split ``prompts`` evenly over ``actors`` and start generating (non-blocking)."""
+    names = list(actors)
+    share = -(-len(prompts) // len(names))
+    refs = {
+        actors[name].generate.remote(prompts[i * share : (i + 1) * share], params): name
+        for i, name in enumerate(names)
+        if prompts[i * share : (i + 1) * share]
+    }
+    return Launch(prompts, refs, position)
+
+
+def finish(pending: Launch, timeout_s: float) -> list[Group]:
+    """The groups of ``pending`` in prompt order; ``RolloutError`` naming any actor that failed."""
+    by_actor = collect(pending.refs, f"rollout of {len(pending.prompts)} prompts", timeout_s)
+    return [g for name in pending.refs.values() for g in by_actor[name]]
+
+
+def score(pool: RewardPool, groups: Sequence[Group]) -> list[GroupResult]:
+    requests = [GroupRequest(g.uid, g.answer, [s.response_text for s in g.samples]) for g in groups]
+    return pool.score(requests)
+
+
+def succeeded(result: GroupResult, threshold: float) -> list[bool]:
+    """Per response: full accuracy when the grader reports it, else overall reward at the threshold."""
+    return [s["accuracy"] >= 1.0 if "accuracy" in s else s["overall"] >= threshold for s in result.scores]
+
+
+def rollout_metrics(groups: Sequence[Group], results: Sequence[GroupResult], threshold: float) -> dict[str, float]:
+    """Reward, accuracy, format and length statistics of one batch of scored groups."""
+    rewards = [r for result in results for r in result.rewards]
+    scores = [s for result in results for s in result.scores]
+    lengths = [len(s.response_ids) for g in groups for s in g.samples]
+    return {
+        "reward/mean": statistics.fmean(rewards),
+        "reward/std": statistics.pstdev(rewards),
+        "reward/accuracy": statistics.fmean(ok for r in results for ok in succeeded(r, threshold)),
+        "reward/format": statistics.fmean(s.get("format", 0.0) for s in scores),
+        "response/length_mean": statistics.fmean(lengths),
+        "response/clipped_frac": statistics.fmean(s.finish_reason == "length" for g in groups for s in g.samples),
+        **{k: float(v) for k, v in failure_metrics(results).items()},
+    }
+
+
+def to_experiences(
+    groups: Sequence[Group], results: Sequence[GroupResult], prompts: Mapping[str, Prompt], threshold: float
+) -> list[Experience]:
+    """One ``Experience`` per response; groups get ids 0..K-1 in batch order."""
+    batch = []
+    for group_id, (group, result) in enumerate(zip(groups, results)):
+        images = prompts[group.uid].images
+        for sample, reward, ok in zip(group.samples, result.rewards, succeeded(result, threshold)):
+            batch.append(Experience.from_sample(sample, group_id=group_id, reward=reward, success=ok, images=images))
+    return batch
+
+
+def keep_informative(groups: list[Group], results: list[GroupResult], threshold: float) -> tuple[list[Group], list[GroupResult]]:
+    """DAPO's filter: drop groups whose responses all succeeded or all failed."""
+    accuracy = torch.tensor([float(ok) for r in results for ok in succeeded(r, threshold)])
+    group_ids = torch.tensor([i for i, g in enumerate(groups) for _ in g.samples])
+    keep = dapo_group_filter(accuracy, group_ids)
+    kept_ids = sorted(set(group_ids[keep].tolist()))
+    return [groups[i] for i in kept_ids], [results[i] for i in kept_ids]
+
+
+# ------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class RolloutSide:
+    """What rank 0 drives: the actors, the reward pool, the weight sync, the prompts and the log."""
+
+    actors: dict[str, ActorHandle]
+    rewards: RewardPool
+    sync: RayWeightSync
+    stream: PromptStream
+    eval_prompts: list[Prompt]
+    logger: RunLogger
+    pending: deque[Launch] = field(default_factory=deque)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point. ``loop_config``: ``config``, ``model_path`` (the policy's
+    Hugging Face folder, whose tokenizer templates the prompts), ``rollout_actors`` (name -> handle), ``reward_pool``, ``run_dir`` and ``resume_from``
+    (a checkpoint folder or None)."""
+    config: Config = loop_config["config"]
+    trainer = config.trainer
+    learner = Learner(config, loop_config["model_path"])
+    rank = dist.get_rank()
+
+    start_step, position = 0, DataPosition()
+    # Ray Train's own (a restart after a failure, or --resume auto on the same run
+    # folder) comes first; else a checkpoint folder named with --resume PATH.
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and loop_config.get("resume_from"):
+        checkpoint = ray.train.Checkpoint.from_directory(loop_config["resume_from"])
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = learner.load(folder)
+        start_step, position = state["step"], DataPosition(**state["data"])
+
+    side = None
+    if rank == 0:
+        context = ray.data.DataContext.get_current()
+        # A data position must name the same prompts in a resumed run: keep Ray Data's
+        # output in input order (the datasets built below copy this context).
+        context.execution_options.preserve_order = True
+        # One progress line per training step says more than a bar per dataset.
+        context.enable_progress_bars = False
+        side = RolloutSide(
+            actors=loop_config["rollout_actors"],
+            rewards=loop_config["reward_pool"],
+            sync=RayWeightSync(config.sync),
+            stream=PromptStream(config, loop_config["model_path"], position),
+            eval_prompts=load_eval_prompts(config, loop_config["model_path"]) if trainer.eval_every else [],
+            logger=RunLogger(loop_config["run_dir"], total_steps=trainer.total_steps, start_step=start_step),
+        )
+        side.sync.connect(side.actors)
+    if start_step > 0:
+        # The actors loaded the model folder, not the checkpoint: send them the restored
+        # weights, as version start_step (the version after step k is k).
+        if side:
+            side.sync.version = start_step - 1
+        sync_weights(learner, side)
+
+    for step in range(start_step + 1, trainer.total_steps + 1):
+        metrics = training_step(step, config, learner, side)
+        if side:
+            side.logger.log(step, metrics)
+            if trainer.eval_every and (step % trainer.eval_every == 0 or step == trainer.total_steps):
+                eval_metrics = evaluate(config, side, step)
+                side.logger.log_eval(step, eval_metrics)
+                metrics = {**metrics, **eval_metrics}
+        report(step, config, learner, side, metrics)
+
+    learner.export_hf(Path(loop_config["run_dir"]) / "policy")
+    if side:
+        side.logger.close()
+        side.sync.close()
+
+
+def training_step(step: int, config: Config, learner: Learner, side: RolloutSide | None) -> dict[str, float]:
+    """One step on every rank: rank 0 gathers the batch, all ranks update, rank 0 syncs."""
+    start = time.perf_counter()
+    metrics: dict[str, float] = {}
+    batch = rollout_batch(step, config, side, metrics) if side else None
+    batch = broadcast(batch)
+
+    learn_start = time.perf_counter()
+    advantages = learner.advantages(batch)
+    shards = shard_by_group([e.group_id for e in batch], [e.num_tokens for e in batch], learner.world_size)
+    mine = shards[learner.rank]
+    metrics.update(learner.update([batch[i] for i in mine], advantages[mine]))
+    metrics["time/learner_s"] = time.perf_counter() - learn_start
+
+    sync_start = time.perf_counter()
+    metrics["weight_version"] = float(sync_weights(learner, side))
+    metrics["time/sync_s"] = time.perf_counter() - sync_start
+
+    if side:
+        scores = torch.tensor([e.reward for e in batch])
+        group_ids = torch.tensor([e.group_id for e in batch])
+        success = torch.tensor([bool(e.success) for e in batch])
+        diagnostics = advantage_diagnostics(
+            scores, group_ids, advantages.cpu(), success=success, std=config.algo.std, eps=config.algo.eps
+        )
+        metrics.update(diagnostics.metrics())
+        metrics["adv/mean"] = advantages.mean().item()
+        metrics["adv/max_abs"] = advantages.abs().max().item()
+        metrics.update(side.stream.metrics())
+    metrics["step"] = float(step)
+    metrics["time/step_s"] = time.perf_counter() - start
+    return metrics
+
+
+def rollout_batch(step: int, config: Config, side: RolloutSide, metrics: dict[str, float]) -> list[Experience]:
+    """Rank 0: the step's scored experiences; fills the generation and reward metrics."""
+    trainer, threshold = config.trainer, config.algo.success_threshold
+    n = trainer.prompts_per_step
+    generate_start = time.perf_counter()
+    if not side.pending:
+        side.pending.append(_launch_next(step, config, side))
+    pending = side.pending.popleft()
+    groups = finish(pending, config.rollout.call_timeout_s)
+    prompts = {p.uid: p for p in pending.prompts}
+    if trainer.mode == "async":
+        ahead = step + len(side.pending) + 1
+        while len(side.pending) < trainer.max_staleness and ahead <= trainer.total_steps:
+            side.pending.append(_launch_next(ahead, config, side))
+            ahead += 1
+    metrics["time/generate_s"] = time.perf_counter() - generate_start
+    tokens = count_tokens(groups)
+
+    reward_start = time.perf_counter()
+    results = score(side.rewards, groups)
+    metrics.update(rollout_metrics(groups, results, threshold))
+    if trainer.dynamic_sampling:
+        groups, results = keep_informative(groups, results, threshold)
+        rounds = 0
+        while len(groups) < n and rounds < trainer.max_extra_rounds:
+            rounds += 1
+            extra_launch = _launch_next(step, config, side, salt=rounds)
+            extra = finish(extra_launch, config.rollout.call_timeout_s)
+            extra_results = score(side.rewards, extra)
+            prompts.update({p.uid: p for p in extra_launch.prompts})
+            more, more_results = keep_informative(extra, extra_results, threshold)
+            groups, results = groups + more, results + more_results
+            tokens += count_tokens(extra)
+        groups, results = groups[:n], results[:n]
+        metrics["dynamic_sampling/extra_rounds"] = float(rounds)
+        metrics["dynamic_sampling/kept_groups"] = float(len(groups))
+        if not groups:
+            raise RuntimeError(f"step {step}: dynamic sampling kept no group in {rounds + 1} rounds")
+    metrics["time/reward_s"] = time.perf_counter() - reward_start
+    metrics["perf/tokens_per_s"] = tokens / max(metrics["time/generate_s"], 1e-9)
+
+    batch = to_experiences(groups, results, prompts, threshold)
+    stale = side.sync.version - min(e.weight_version for e in batch)
+    limit = trainer.max_staleness if trainer.mode == "async" else 0
+    if stale > limit:
+        raise RuntimeError(f"step {step}: a sample is {stale} weight versions old; the bound is {limit}")
+    metrics["rollout/staleness"] = float(stale)
+    return batch
+
+
+def _launch_next(step: int, config: Config, side: RolloutSide, salt: int = 0) -> Launch:
+    rollout = config.rollout
+    params = SamplingParams(
+        n=rollout.group_size,
+        temperature=rollout.temperature,
+        top_p=rollout.top_p,
+        max_new_tokens=rollout.max_new_tokens,
+        stop=tuple(rollout.stop),
+        seed=derive_seed(derive_seed(config.seed, _TRAIN_SEED), step * 1000 + salt),
+    )
+    position = side.stream.position
+    prompts = side.stream.take(config.trainer.prompts_per_step)
+    return launch(side.actors, prompts, params, position)
+
+
+def evaluate(config: Config, side: RolloutSide, step: int) -> dict[str, float]:
+    """Rank 0: accuracy and format rate on the evaluation prompts (one response each)."""
+    trainer = config.trainer
+    greedy = trainer.eval_temperature == 0
+    params = SamplingParams(
+        n=1,
+        temperature=trainer.eval_temperature,
+        top_p=1.0 if greedy else trainer.eval_top_p,
+        max_new_tokens=trainer.eval_max_new_tokens or config.rollout.max_new_tokens,
+        stop=tuple(config.rollout.stop),
+        seed=derive_seed(derive_seed(config.seed, _EVAL_SEED), step),
+    )
+    groups = finish(launch(side.actors, side.eval_prompts, params, side.stream.position), config.rollout.call_timeout_s)
+    results = score(side.rewards, groups)
+    scores = [r.scores[0] for r in results]
+    return {
+        "eval/accuracy": statistics.fmean(ok for r in results for ok in succeeded(r, config.algo.success_threshold)),
+        "eval/format": statistics.fmean(s.get("format", 0.0) for s in scores),
+        "eval/reward_mean": statistics.fmean(s["overall"] for s in scores),
+        "eval/prompts": float(len(groups)),
+    }
+
+
+def sync_weights(learner: Learner, side: RolloutSide | None) -> int:
+    """Broadcast the policy to the rollout actors; under ZeRO-3 every rank takes part in gathering."""
+    if side is not None:
+        return side.sync.sync_model(learner.policy)
+    if learner.config.learner.zero_stage == 3:
+        for _ in learner.named_parameters_for_sync():
+            pass
+    return -1
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank, over the learner's own group."""
+    box = [obj]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def report(step: int, config: Config, learner: Learner, side: RolloutSide | None, metrics: dict[str, float]) -> None:
+    """Report to Ray Train every step (a barrier); with a checkpoint every ``checkpoint_every`` and at the end."""
+    trainer = config.trainer
+    if step % trainer.checkpoint_every and step != trainer.total_steps:
+        ray.train.report(metrics)
+        return
+    state = None
+    if side is not None:
+        # The next batch to train on starts where the oldest batch still in flight began.
+        position = side.pending[0].position if side.pending else side.stream.position
+        state = {"step": step, "data": {"epoch": position.epoch, "taken": position.taken}}
+    state = broadcast(state)
+    with tempfile.TemporaryDirectory(prefix="mapo-ckpt-") as folder:
+        learner.save(folder, client_state=state)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+
+def train(
+    config: Config,
+    *,
+    run_dir: Path,
+    model_path: Path,
+    rollout_actors: Mapping[str, ActorHandle],
+    reward_pool: RewardPool,
+    resume_from: Path | None = None,
+) -> ray.train.Result:
+    """Run ``train_loop_per_worker`` on ``trainer.num_learners`` Ray Train workers.
+
+    Checkpoints go to ``run_dir/checkpoints``; Ray Train restores the newest one there
+    after a worker failure, and when a job is started again on the same ``run_dir``.
+    """
+    from ray.train.torch import TorchTrainer
+
+    trainer = config.trainer
+    use_gpu = trainer.use_gpu if trainer.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": config,
+            "model_path": str(model_path),
+            "rollout_actors": dict(rollout_actors),
+            "reward_pool": reward_pool,
+            "run_dir": str(run_dir),
+            "resume_from": str(resume_from) if resume_from else None,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=trainer.num_learners,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": trainer.cpus_per_learner, **({"GPU": 1} if use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name="checkpoints",
+            storage_path=str(run_dir.resolve()),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=trainer.keep_checkpoints or None),
+            failure_config=ray.train.FailureConfig(max_failures=trainer.max_failures),
+        ),
+    ).fit()
