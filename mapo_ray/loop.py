@@ -44,6 +44,7 @@ from mapo_ray.telemetry import RunLogger
 
 # Salts of the seed streams, so training and evaluation never share samples.
 _TRAIN_SEED, _EVAL_SEED = 1, 2
+_HEADLINE = ("step", "weight_version", "reward/mean", "reward/accuracy", "actor/pg_loss")
 
 
 # ------------------------------------------------------------------------- prompts
@@ -246,20 +247,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         context.execution_options.preserve_order = True
         # One progress line per training step says more than a bar per dataset.
         context.enable_progress_bars = False
+        sync = RayWeightSync(config.sync)
+        # The version after step k is k; a restored run re-sends version start_step first.
+        sync.version = max(start_step - 1, 0)
         side = RolloutSide(
             actors=loop_config["rollout_actors"],
             rewards=loop_config["reward_pool"],
-            sync=RayWeightSync(config.sync),
+            sync=sync,
             stream=PromptStream(config, loop_config["model_path"], position),
             eval_prompts=load_eval_prompts(config, loop_config["model_path"]) if trainer.eval_every else [],
             logger=RunLogger(loop_config["run_dir"], total_steps=trainer.total_steps, start_step=start_step),
         )
         side.sync.connect(side.actors)
     if start_step > 0:
-        # The actors loaded the model folder, not the checkpoint: send them the restored
-        # weights, as version start_step (the version after step k is k).
-        if side:
-            side.sync.version = start_step - 1
+        # The actors loaded the model folder, not the checkpoint: send them the restored weights.
         sync_weights(learner, side)
 
     for step in range(start_step + 1, trainer.total_steps + 1):
@@ -419,10 +420,13 @@ def broadcast(obj: Any) -> Any:
 
 
 def report(step: int, config: Config, learner: Learner, side: RolloutSide | None, metrics: dict[str, float]) -> None:
-    """Report to Ray Train every step (a barrier); with a checkpoint every ``checkpoint_every`` and at the end."""
+    """A Ray Train checkpoint every ``checkpoint_every`` steps and at the end (collective).
+
+    Only checkpoint steps report: Ray Train logs each report in full, and the step
+    metrics already go to the run's own telemetry.
+    """
     trainer = config.trainer
     if step % trainer.checkpoint_every and step != trainer.total_steps:
-        ray.train.report(metrics)
         return
     state = None
     if side is not None:
@@ -430,10 +434,11 @@ def report(step: int, config: Config, learner: Learner, side: RolloutSide | None
         position = side.pending[0].position if side.pending else side.stream.position
         state = {"step": step, "data": {"epoch": position.epoch, "taken": position.taken}}
     state = broadcast(state)
+    # Ray Train keeps (and prints) these with the checkpoint; the full set is in metrics.jsonl.
+    headline = {k: v for k, v in metrics.items() if k in _HEADLINE or k.startswith("eval/")}
     with tempfile.TemporaryDirectory(prefix="mapo-ckpt-") as folder:
         learner.save(folder, client_state=state)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
-
+        ray.train.report(headline, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
 def train(

@@ -69,6 +69,10 @@ RAY_METRICS: tuple[RayMetricSpec, ...] = (
     RayMetricSpec("reward/graded", "Rollouts graded without failure"),
     _family("reward/failed/", "kind", "Rollouts given reward 0 because grading failed, by failure kind"),
     RayMetricSpec("response/length_mean", "Mean response length in tokens"),
+    RayMetricSpec("response/clipped_frac", "Fraction of responses cut off at the token limit"),
+    RayMetricSpec("rollout/staleness", "Weight versions between the policy and the oldest sample it trains on"),
+    RayMetricSpec("dynamic_sampling/extra_rounds", "Extra rollout rounds DAPO's dynamic sampling took"),
+    RayMetricSpec("dynamic_sampling/kept_groups", "Groups kept by DAPO's dynamic sampling"),
     # Advantages and the MAPO certainty diagnostics (mapo_ray.algo.advantage_diagnostics).
     RayMetricSpec("adv/mean", "Mean advantage over the step's rollouts"),
     RayMetricSpec("adv/max_abs", "Largest absolute advantage of the step"),
@@ -83,6 +87,10 @@ RAY_METRICS: tuple[RayMetricSpec, ...] = (
     RayMetricSpec("actor/kl", "KL divergence of the policy from the reference policy"),
     RayMetricSpec("actor/entropy", "Mean token entropy of the policy on the step's responses"),
     RayMetricSpec("actor/clip_frac", "Fraction of response tokens whose ratio was clipped"),
+    RayMetricSpec("actor/dual_clip_frac", "Fraction of response tokens capped by the dual clip"),
+    RayMetricSpec("actor/pg_loss", "Policy-gradient loss"),
+    RayMetricSpec("actor/approx_kl", "Approximate KL between the sampling and the updated policy"),
+    RayMetricSpec("actor/rollout_logprob_abs_diff", "Mean |learner - sampler| log-probability of the rollout tokens"),
     RayMetricSpec("actor/grad_norm", "Gradient norm before clipping"),
     RayMetricSpec("actor/lr", "Learning rate"),
     # Where the step's time went.
@@ -99,6 +107,7 @@ RAY_METRICS: tuple[RayMetricSpec, ...] = (
     RayMetricSpec("eval/accuracy", "Evaluation accuracy"),
     RayMetricSpec("eval/format", "Fraction of evaluation responses in the required format"),
     RayMetricSpec("eval/reward_mean", "Mean overall reward on the evaluation set"),
+    RayMetricSpec("eval/prompts", "Prompts in the evaluation"),
 )
 
 _EXACT: dict[str, RayMetricSpec] = {spec.key: spec for spec in RAY_METRICS if spec.tag is None}
