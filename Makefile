@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/python benchmarks/advantage.py
+	$(BIN)/python jobs/train_geo3k.py --preset cpu-tiny
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -19,12 +19,12 @@ from mapo_ray.reward.pool import RewardPool
 from mapo_ray.rollout.actor import create_rollout_actors
 
 
-def main() -> None:
-    args = job_parser(__doc__.splitlines()[0]).parse_args()
+def main(description: str = __doc__, default_preset: str | None = None) -> None:
+    args = job_parser(description.splitlines()[0]).parse_args()
     started = time.perf_counter()
 
     connect_ray()
-    config, preset = job_config(args)
+    config, preset = job_config(args, default_preset)
     run_dir = run_folder(args.output, preset, args.resume)
     config, model_path = resolve_inputs(config)
     print(f"run folder: {run_dir}\nmodel: {model_path}\ntrain data: {config.data.train}", flush=True)

@@ -52,11 +52,14 @@ def connect_ray() -> None:
         print(f"Ray dashboard: http://{context.dashboard_url}", flush=True)
 
 
-def job_config(args: argparse.Namespace) -> tuple[Config, str | None]:
-    """The config of ``args``; without --preset or --config, ``cpu-tiny`` where the cluster has no GPU."""
+def job_config(args: argparse.Namespace, default_preset: str | None = None) -> tuple[Config, str | None]:
+    """The config of ``args``. Without --preset or --config: ``default_preset``, else
+    ``cpu-tiny`` where the cluster has no GPU."""
     preset = args.preset
-    if preset is None and args.config is None and not ray.cluster_resources().get("GPU", 0):
-        preset = CPU_PRESET
+    if preset is None and args.config is None:
+        preset = default_preset
+        if preset is None and not ray.cluster_resources().get("GPU", 0):
+            preset = CPU_PRESET
     return load_config(args.config, preset=preset, overrides=args.overrides), preset
 
 
