@@ -360,6 +360,16 @@ PRESETS: dict[str, dict[str, Any]] = {
             "kl_estimator": "low_var_kl",
         },
     },
+    # EmoSet-layout data (one image and one of its eight emotion labels per row) with
+    # the label reward; the data has no public hub copy, so give data.train / data.test.
+    "emoset-qwen25vl-7b": {
+        "algo": {"estimator": "mapo", "kl_coef": 1e-2, "kl_estimator": "low_var_kl"},
+        "data": {"layout": "emoset", "train": "emoset/train.parquet", "test": "emoset/test.parquet"},
+        "reward": {
+            "function": "label",
+            "labels": ["amusement", "anger", "awe", "contentment", "disgust", "excitement", "fear", "sadness"],
+        },
+    },
     # The embedded default: the tiny offline Qwen2.5-VL on the synthetic task, on CPU,
     # end to end in a few minutes on 2 cores. A KL anchor to a random initialisation
     # would only slow the tiny policy down.
