@@ -31,6 +31,18 @@ def free_port() -> int:
 
 def test_ray_job_submit_runs_the_training_job(tmp_path):
     gcs_port, dashboard_port = free_port(), free_port()
+    # The agents' default ports may be taken by another cluster on this machine (the
+    # suite's own): give every fixed port of this one a free number.
+    agent_ports = [
+        f"--{name}={free_port()}"
+        for name in (
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "metrics-export-port",
+            "runtime-env-agent-port",
+            "ray-client-server-port",
+        )
+    ]
     bin_dir = Path(sys.executable).parent
     # The cluster and the job use this venv's python; the dashboard needs no token locally.
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
@@ -42,7 +54,7 @@ def test_ray_job_submit_runs_the_training_job(tmp_path):
     head = subprocess.Popen(
         [bin_dir / "ray", "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=4",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-         "--disable-usage-stats", f"--temp-dir={ray_temp}"],
+         "--disable-usage-stats", f"--temp-dir={ray_temp}", *agent_ports],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     address = f"http://127.0.0.1:{dashboard_port}"
@@ -57,13 +69,18 @@ def test_ray_job_submit_runs_the_training_job(tmp_path):
                 assert time.monotonic() < deadline, f"the dashboard did not answer within {START_TIMEOUT_S}s"
                 time.sleep(1)
         run_dir = tmp_path / "run"
-        job = subprocess.run(
-            [bin_dir / "ray", "job", "submit", f"--address={address}", "--working-dir", ".", "--",
-             "python", "jobs/train_geo3k.py", "--preset", "cpu-tiny", "--output", str(run_dir),
-             "--set", "trainer.total_steps=2", "--set", "trainer.eval_prompts=8",
-             "--set", "trainer.eval_every=2", "--set", "trainer.prompts_per_step=4"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S,
-        )  # fmt: skip
+        while True:
+            job = subprocess.run(
+                [bin_dir / "ray", "job", "submit", f"--address={address}", "--working-dir", ".", "--",
+                 "python", "jobs/train_geo3k.py", "--preset", "cpu-tiny", "--output", str(run_dir),
+                 "--set", "trainer.total_steps=2", "--set", "trainer.eval_prompts=8",
+                 "--set", "trainer.eval_every=2", "--set", "trainer.prompts_per_step=4"],
+                cwd=ROOT, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S,
+            )  # fmt: skip
+            # The dashboard answers before its job agent is up; submitting then is refused.
+            if "No available agent" not in job.stdout + job.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(2)
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=90)
