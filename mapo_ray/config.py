@@ -333,6 +333,25 @@ class TrainerConfig:
 
 
 @dataclass
+class SFTConfig:
+    """Supervised warm-start on the train split before RL (``mapo_ray.learner.sft``); 0 steps: off."""
+
+    # Optimizer steps, each on batch_size prompts shared out over the learner ranks; it runs
+    # once, before RL step 1 (a run resumed from a checkpoint does not repeat it).
+    steps: int = 0
+    batch_size: int = 32
+    # Its own lr, at the RL optimizer's weight decay and clipping; the RL lr schedule waits.
+    lr: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError(f"sft.steps must be >= 0, got {self.steps}")
+        for name in ("batch_size", "lr"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"sft.{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass
 class Config:
     """The root of the tree; each section is read by the part of mapo-ray it names."""
 
@@ -344,6 +363,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
 
 
 # Each preset is a nested dict applied over the defaults, exactly like a YAML file.
@@ -407,6 +427,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "reward": {"num_workers": 1, "cpus_per_worker": 0.25},
         "learner": {"zero_stage": 0, "lr": 1e-4, "updates_per_step": 2},
+        # Teaches the random tiny policy the answer format before RL (about a minute).
+        "sft": {"steps": 200, "batch_size": 16, "lr": 1e-3},
     },
 }
 

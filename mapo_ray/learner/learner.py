@@ -331,6 +331,63 @@ class Learner:
         dist.all_reduce(tensor)
         return dict(zip(names, tensor.tolist()))
 
+    # ----------------------------------------------------------------- supervised warm-start
+
+    def sft_step(self, batch: Sequence[Experience], lr: float) -> dict[str, float]:
+        """One supervised optimizer step (``mapo_ray.learner.sft``) on this rank's shard ``batch``.
+
+        The loss is the cross-entropy of the response tokens at temperature 1 (the plain
+        softmax, whatever ``rollout.temperature`` is), averaged over every response token
+        of all ranks' shards. It runs through the RL engine and optimizer at ``lr``; the
+        lr schedule, its position and ``step`` (RL updates) are left as they were.
+
+        Returns ``sft/loss`` (token mean before the step) and ``sft/tokens``, equal on
+        every rank. Raises ``FloatingPointError`` before the step if any rank's loss
+        is not finite.
+        """
+        if not batch:
+            raise ValueError(f"sft_step: learner rank {self.rank} got no examples; every rank needs at least one")
+        optimizer, schedule = self.engine.basic_optimizer, self.engine.lr_scheduler
+        policy = self.engine.module
+        scheduled = [group["lr"] for group in optimizer.param_groups]
+        temperature = policy.temperature
+        local = torch.tensor(float(sum(len(e.response_ids) for e in batch)), device=self.device)
+        dist.all_reduce(local)
+        total_tokens = max(float(local), 1.0)
+        vision = encode_images(batch, self.image_processor, self.image_token_id)
+        parts = self._micro_batches(batch)
+        nll_sum, nonfinite = 0.0, []
+        try:
+            # engine.step() (ZeRO, clipping) also steps the lr schedule: detach it, so the RL
+            # warm-up and decay start where they would without a warm-start.
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            self.engine.lr_scheduler = None
+            policy.temperature = 1.0
+            for k, part in enumerate(parts):
+                self.engine.set_gradient_accumulation_boundary(k == len(parts) - 1)
+                # An empty part runs one sample at zero weight, to keep this rank in step.
+                log_probs, _ = self.engine(self._collate(batch, vision, part or [0]))
+                nll = -log_probs.sum() if part else 0.0 * log_probs.sum()
+                if not torch.isfinite(nll):
+                    nonfinite += part
+                nll_sum += float(nll.detach())
+                # DeepSpeed averages gradients over ranks, hence the world size.
+                self.engine.backward(nll * (self.world_size / total_tokens))
+            count = torch.tensor(len(nonfinite), device=self.device)
+            dist.all_reduce(count)
+            if int(count):
+                where = f"in example(s) {sorted(nonfinite)[:10]} of its shard" if nonfinite else "on another rank"
+                raise FloatingPointError(f"learner rank {self.rank}: non-finite SFT loss {where}; no step was taken")
+            self.engine.step()
+        finally:
+            policy.temperature = temperature
+            self.engine.lr_scheduler = schedule
+            for group, value in zip(optimizer.param_groups, scheduled):
+                group["lr"] = value
+        loss = self._sum_over_ranks({"nll": nll_sum})["nll"] / total_tokens
+        return {"sft/loss": loss, "sft/tokens": float(local)}
+
     # ----------------------------------------------------------------- weights and checkpoints
 
     def named_parameters_for_sync(self) -> Iterator[tuple[str, torch.Tensor]]:
