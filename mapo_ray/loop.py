@@ -34,6 +34,7 @@ from mapo_ray.algo import advantage_diagnostics, dapo_group_filter
 from mapo_ray.config import Config
 from mapo_ray.data.pipeline import PromptBatches, open_split, prompt_dataset
 from mapo_ray.learner import Experience, Learner, shard_by_group
+from mapo_ray.learner.sft import warm_start
 from mapo_ray.reward import GroupRequest, GroupResult, failure_metrics
 from mapo_ray.reward.pool import RewardPool
 from mapo_ray.rollout import Group, Prompt, SamplingParams, count_tokens, prompts_from_batch
@@ -248,8 +249,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # One progress line per training step says more than a bar per dataset.
         context.enable_progress_bars = False
         sync = RayWeightSync(config.sync)
-        # The version after step k is k; a restored run re-sends version start_step first.
-        sync.version = max(start_step - 1, 0)
+        # The version after RL step k is k. A restored run's weights (version start_step),
+        # or the warm-started policy (version 0), are sent before the first step.
+        resend = start_step > 0 or config.sft.steps > 0
+        sync.version = start_step - 1 if resend else 0
         side = RolloutSide(
             actors=loop_config["rollout_actors"],
             rewards=loop_config["reward_pool"],
@@ -259,12 +262,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             logger=RunLogger(loop_config["run_dir"], total_steps=trainer.total_steps, start_step=start_step),
         )
         side.sync.connect(side.actors)
+    warm_metrics: dict[str, float] = {}
     if start_step > 0:
         # The actors loaded the model folder, not the checkpoint: send them the restored weights.
         sync_weights(learner, side)
+    elif config.sft.steps:
+        # The supervised warm-start runs once; a resumed run has it in its weights.
+        warm_metrics = warm_start(learner, config.sft, side.stream.take if side else None).summary()
+        sync_weights(learner, side)
+        if side and trainer.eval_every:
+            side.logger.log_eval(0, evaluate(config, side, 0))
 
     for step in range(start_step + 1, trainer.total_steps + 1):
         metrics = training_step(step, config, learner, side)
+        if step == 1:
+            metrics.update(warm_metrics)
         if side:
             side.logger.log(step, metrics)
             if trainer.eval_every and (step % trainer.eval_every == 0 or step == trainer.total_steps):

@@ -93,6 +93,11 @@ RAY_METRICS: tuple[RayMetricSpec, ...] = (
     RayMetricSpec("actor/rollout_logprob_abs_diff", "Mean |learner - sampler| log-probability of the rollout tokens"),
     RayMetricSpec("actor/grad_norm", "Gradient norm before clipping"),
     RayMetricSpec("actor/lr", "Learning rate"),
+    # The supervised warm-start before RL (logged with step 1).
+    RayMetricSpec("sft/steps", "Optimizer steps of the supervised warm-start"),
+    RayMetricSpec("sft/loss_first", "Cross-entropy at the first warm-start step"),
+    RayMetricSpec("sft/loss_last", "Cross-entropy at the last warm-start step"),
+    RayMetricSpec("time/sft_s", "Seconds the supervised warm-start took"),
     # Where the step's time went.
     RayMetricSpec("time/generate_s", "Seconds spent generating rollouts in the step"),
     RayMetricSpec("time/reward_s", "Seconds spent grading rollouts in the step"),

@@ -74,7 +74,8 @@ def test_ray_job_submit_runs_the_training_job(tmp_path):
                 [bin_dir / "ray", "job", "submit", f"--address={address}", "--working-dir", ".", "--",
                  "python", "jobs/train_geo3k.py", "--preset", "cpu-tiny", "--output", str(run_dir),
                  "--set", "trainer.total_steps=2", "--set", "trainer.eval_prompts=8",
-                 "--set", "trainer.eval_every=2", "--set", "trainer.prompts_per_step=4"],
+                 "--set", "trainer.eval_every=2", "--set", "trainer.prompts_per_step=4",
+                 "--set", "sft.steps=2"],
                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S,
             )  # fmt: skip
             # The dashboard answers before its job agent is up; submitting then is refused.
@@ -90,5 +91,5 @@ def test_ray_job_submit_runs_the_training_job(tmp_path):
     assert "succeeded" in output
     assert f"run folder: {run_dir}" in output
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 3  # two steps and one evaluation
+    assert len(lines) == 4  # the evaluation after the warm-start, two steps and one evaluation
     assert (run_dir / "policy" / "model.safetensors").exists()

@@ -43,6 +43,8 @@ def config(tmp_path: Path, steps: int):
             "rollout.max_new_tokens=12",
             # Imported by name in the reward workers, which start in this working directory.
             "reward.function=tests.integration.test_training_loop:spread_reward",
+            "sft.steps=2",  # the warm-start path, briefly
+            "sft.batch_size=4",
             "data.synthetic_train=32",
             "data.synthetic_test=8",
         ],
