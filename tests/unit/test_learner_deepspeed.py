@@ -9,12 +9,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
 from mapo_ray.config import Config, load_config
-from mapo_ray.learner import Experience, Learner, init_single_process
+from mapo_ray.learner import Experience, Learner
 from mapo_ray.models import tiny_text_path, tiny_vl_path
 from mapo_ray.models.tokenizer import IMAGE_PAD
 from mapo_ray.rollout import HFEngine, Prompt, SamplingParams
@@ -23,10 +22,8 @@ TEMPERATURE = 0.7
 
 
 @pytest.fixture(scope="module", autouse=True)
-def world():
-    init_single_process("gloo")
+def world(single_process_world):
     yield
-    dist.destroy_process_group()
 
 
 def _config(*overrides: str) -> Config:

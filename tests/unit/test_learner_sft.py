@@ -14,13 +14,12 @@ import sys
 import pytest
 import ray
 import torch
-import torch.distributed as dist
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
 from mapo_ray.config import Config, ConfigError, SFTConfig, from_dict, load_config, to_dict
 from mapo_ray.data import PixelBudget, prepare_row, render_prompt
 from mapo_ray.data.synthetic import KINDS, examples_table
-from mapo_ray.learner import Experience, Learner, init_single_process
+from mapo_ray.learner import Experience, Learner
 from mapo_ray.learner.sft import sft_examples, sft_target, warm_start
 from mapo_ray.models import tiny_vl_path
 from mapo_ray.reward import score_math
@@ -35,10 +34,8 @@ FULL_MARKS = {"overall": 1.0, "format": 1.0, "accuracy": 1.0}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def world():
-    init_single_process("gloo")
+def world(single_process_world):
     yield
-    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
