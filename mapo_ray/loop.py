@@ -39,6 +39,7 @@ from mapo_ray.reward import GroupRequest, GroupResult, failure_metrics
 from mapo_ray.reward.pool import RewardPool
 from mapo_ray.rollout import Group, Prompt, SamplingParams, count_tokens, prompts_from_batch
 from mapo_ray.rollout.actor import collect
+from mapo_ray.rollout.engine import sampling_params
 from mapo_ray.rollout.sampling import derive_seed
 from mapo_ray.sync.ray_sync import RayWeightSync
 from mapo_ray.telemetry import RunLogger
@@ -376,15 +377,7 @@ def rollout_batch(step: int, config: Config, side: RolloutSide, metrics: dict[st
 
 
 def _launch_next(step: int, config: Config, side: RolloutSide, salt: int = 0) -> Launch:
-    rollout = config.rollout
-    params = SamplingParams(
-        n=rollout.group_size,
-        temperature=rollout.temperature,
-        top_p=rollout.top_p,
-        max_new_tokens=rollout.max_new_tokens,
-        stop=tuple(rollout.stop),
-        seed=derive_seed(derive_seed(config.seed, _TRAIN_SEED), step * 1000 + salt),
-    )
+    params = sampling_params(config.rollout, derive_seed(derive_seed(config.seed, _TRAIN_SEED), step * 1000 + salt))
     position = side.stream.position
     prompts = side.stream.take(config.trainer.prompts_per_step)
     return launch(side.actors, prompts, params, position)
