@@ -187,9 +187,12 @@ class RolloutConfig:
     # "hf": transformers generate (the CPU default; also runs on a GPU); "vllm": vLLM.
     engine: Literal["hf", "vllm"] = "hf"
     num_actors: int = 1
-    # Each actor takes num_cpus_per_actor CPUs and, on "cuda", tensor_parallel_size GPUs.
+    # Each actor takes num_cpus_per_actor CPUs and, on "cuda", num_gpus_per_actor GPUs
+    # (None: tensor_parallel_size, a whole GPU per vLLM worker). A fraction lets an actor
+    # share its GPU with a learner, as on one machine with one GPU (tensor_parallel_size 1).
     device: Literal["cpu", "cuda"] = "cpu"
     num_cpus_per_actor: float = 1.0
+    num_gpus_per_actor: float | None = None
     # vLLM only: GPUs (worker processes) one model copy is split over; each is a sync rank.
     tensor_parallel_size: int = 1
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -239,6 +242,23 @@ class RolloutConfig:
             )
         if self.sleep_between_rollouts and (self.engine != "vllm" or self.device != "cuda"):
             raise ValueError("rollout.sleep_between_rollouts needs rollout.engine 'vllm' on rollout.device 'cuda'")
+        if self.num_gpus_per_actor is not None:
+            if self.device != "cuda":
+                raise ValueError("rollout.num_gpus_per_actor is only read with rollout.device 'cuda'")
+            if self.num_gpus_per_actor <= 0:
+                raise ValueError(f"rollout.num_gpus_per_actor must be positive, got {self.num_gpus_per_actor}")
+            if self.num_gpus_per_actor < self.tensor_parallel_size and self.tensor_parallel_size > 1:
+                raise ValueError(
+                    f"rollout.num_gpus_per_actor ({self.num_gpus_per_actor}) gives vLLM's "
+                    f"{self.tensor_parallel_size} tensor-parallel workers less than a GPU each"
+                )
+
+    @property
+    def gpus_per_actor(self) -> float:
+        """The GPUs one actor reserves in Ray: 0 on CPU."""
+        if self.device != "cuda":
+            return 0.0
+        return float(self.tensor_parallel_size if self.num_gpus_per_actor is None else self.num_gpus_per_actor)
 
 
 @dataclass
@@ -298,10 +318,12 @@ class TrainerConfig:
     # is sampled while the learner trains, from weights at most max_staleness versions old.
     mode: Literal["on_policy", "async"] = "on_policy"
     max_staleness: int = 1
-    # Ray Train workers of the learner and the CPUs each reserves; use_gpu None means
-    # "if the cluster has GPUs".
+    # Ray Train workers of the learner and the CPUs (and, with a GPU, the GPUs) each
+    # reserves; use_gpu None means "if the cluster has GPUs". gpus_per_learner below 1
+    # lets a rollout actor share the learner's GPU (see rollout.num_gpus_per_actor).
     num_learners: int = 1
     cpus_per_learner: float = 1.0
+    gpus_per_learner: float = 1.0
     use_gpu: bool | None = None
     # DAPO's dynamic sampling: drop groups whose accuracy is all 0 or all 1 and sample more
     # prompts, at most max_extra_rounds more rollout rounds per step.
@@ -322,7 +344,7 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         positive = ("total_steps", "prompts_per_step", "max_staleness", "num_learners", "cpus_per_learner")
-        for name in (*positive, "checkpoint_every"):
+        for name in (*positive, "gpus_per_learner", "checkpoint_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"trainer.{name} must be positive, got {getattr(self, name)}")
         for name in ("max_extra_rounds", "eval_every", "keep_checkpoints", "max_failures"):
@@ -379,6 +401,57 @@ PRESETS: dict[str, dict[str, Any]] = {
             "kl_coef": 1e-2,
             "kl_estimator": "low_var_kl",
         },
+    },
+    # The paper's recipe scaled to one 80 GB GPU (H100; an H200 has room to spare): the
+    # smallest Qwen2.5-VL, its learner and one vLLM actor sharing the GPU. vLLM sleeps
+    # while the learner trains, so the two peaks do not add up: the learner's (3B policy,
+    # fp32 AdamW over the ~3.1B text parameters, checkpointed activations) is ~70 GB, and
+    # generation needs vLLM's 0.3 of the GPU beside the learner's ~45 GB of states.
+    "geo3k-qwen25vl-3b-1gpu": {
+        "algo": {
+            "estimator": "mapo",
+            "clip_ratio_low": 0.2,
+            "clip_ratio_high": 0.3,
+            "dual_clip_c": 3.0,
+            # A frozen reference (7.5 GB more) does not fit beside the rest on 80 GB.
+            "kl_coef": 0.0,
+        },
+        "trainer": {
+            "model": "Qwen/Qwen2.5-VL-3B-Instruct",
+            "total_steps": 200,
+            "prompts_per_step": 64,
+            "num_learners": 1,
+            "use_gpu": True,
+            "gpus_per_learner": 0.5,
+            "cpus_per_learner": 4.0,
+            "eval_every": 20,
+            "eval_prompts": 300,
+            "checkpoint_every": 20,
+        },
+        "rollout": {
+            "engine": "vllm",
+            "device": "cuda",
+            "num_actors": 1,
+            "num_gpus_per_actor": 0.5,
+            "num_cpus_per_actor": 4.0,
+            "group_size": 8,
+            "max_new_tokens": 1024,
+            "max_model_len": 4096,
+            "gpu_memory_utilization": 0.3,
+            "sleep_between_rollouts": True,
+        },
+        "learner": {
+            "zero_stage": 1,
+            "lr": 1e-6,
+            "updates_per_step": 4,
+            "micro_batch_tokens": 8192,  # the fp32 logits of 8k tokens are already ~5 GB
+            "gradient_checkpointing": True,
+            "freeze_vision_tower": True,
+        },
+        "data": {"max_pixels": 512 * 28 * 28},
+        "reward": {"num_workers": 4},
+        # NCCL refuses two ranks on one device; gloo goes through host memory.
+        "sync": {"backend": "gloo"},
     },
     # EmoSet-layout data (one image and one of its eight emotion labels per row) with
     # the label reward; the data has no public hub copy, so give data.train / data.test.

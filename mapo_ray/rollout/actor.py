@@ -111,11 +111,10 @@ def create_rollout_actors(
     cfg: RolloutConfig, model_path: str | os.PathLike, seed: int = 0, prefix: str = "rollout"
 ) -> dict[str, ActorHandle]:
     """``cfg.num_actors`` actors named ``{prefix}-{i}``, each with its resources and engine seed ``seed + i``."""
-    gpus = cfg.tensor_parallel_size if cfg.device == "cuda" else 0
     actors = {}
     for i in range(cfg.num_actors):
         name = f"{prefix}-{i}"
-        options = RolloutActor.options(num_cpus=cfg.num_cpus_per_actor, num_gpus=gpus)
+        options = RolloutActor.options(num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.gpus_per_actor)
         actors[name] = options.remote(name, cfg, str(model_path), seed + i)
     return actors
 

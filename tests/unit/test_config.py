@@ -60,3 +60,53 @@ def test_null_and_unknown_preset_and_bad_file(tmp_path):
     bad.write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: top level must be a mapping"):
         load_config(bad)
+
+
+def test_one_gpu_preset_shares_its_gpu():
+    """Learner and vLLM actor fit one GPU between them, and sync avoids NCCL (which refuses
+    two ranks on one device)."""
+    cfg = load_config(preset="geo3k-qwen25vl-3b-1gpu")
+    assert (cfg.rollout.engine, cfg.rollout.device, cfg.rollout.num_actors, cfg.trainer.num_learners) == (
+        "vllm",
+        "cuda",
+        1,
+        1,
+    )
+    assert cfg.rollout.gpus_per_actor + cfg.trainer.gpus_per_learner <= 1.0
+    assert cfg.rollout.sleep_between_rollouts
+    assert cfg.sync.backend == "gloo"
+    assert cfg.trainer.use_gpu
+
+
+@pytest.mark.parametrize(
+    ("overrides", "gpus"),
+    [
+        ([], 0.0),  # a CPU actor reserves no GPU
+        (["rollout.engine=vllm", "rollout.device=cuda", "rollout.tensor_parallel_size=2"], 2.0),
+        (["rollout.device=cuda", "rollout.num_gpus_per_actor=0.25"], 0.25),
+    ],
+)
+def test_rollout_gpus_per_actor(overrides, gpus):
+    assert load_config(overrides=overrides).rollout.gpus_per_actor == gpus
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["rollout.num_gpus_per_actor=0.5"], r"rollout\.num_gpus_per_actor is only read with rollout\.device 'cuda'"),
+        (["rollout.device=cuda", "rollout.num_gpus_per_actor=0"], r"rollout\.num_gpus_per_actor must be positive"),
+        (
+            [
+                "rollout.engine=vllm",
+                "rollout.device=cuda",
+                "rollout.tensor_parallel_size=2",
+                "rollout.num_gpus_per_actor=1",
+            ],
+            r"tensor-parallel workers less than a GPU each",
+        ),
+        (["trainer.gpus_per_learner=0"], r"trainer\.gpus_per_learner must be positive"),
+    ],
+)
+def test_gpu_share_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=overrides)
