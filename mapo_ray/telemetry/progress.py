@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 REWARD_KEY = "reward/mean"
 ACCURACY_KEY = "reward/accuracy"
+STEP_SECONDS_KEY = "time/step_s"
 # Shown after an evaluation, in this order, when present.
 EVAL_SUMMARY_KEYS = ("eval/accuracy", "eval/format", "eval/reward_mean")
 
@@ -53,7 +54,13 @@ class Progress:
     """Step, reward, accuracy, seconds per step and ETA, written to ``stream``.
 
     Steps count completed steps: after a resume from step ``start_step`` the next
-    update is ``start_step + 1``; the rate is measured over this session only.
+    update is ``start_step + 1``; the rate is measured over this session only, from
+    the start of its first step (its ``time/step_s`` back from the first update),
+    so a warm-start or an evaluation before it does not inflate the ETA.
+
+    Lines are written to the stream itself, not through ``print``: inside a Ray Train
+    worker ``print`` is patched to go both to the stream and to Train's logger, and
+    the driver would show every line twice.
     """
 
     def __init__(
@@ -69,6 +76,7 @@ class Progress:
         self._stream = stream if stream is not None else sys.stdout
         self._clock = clock
         self._started = clock()
+        self._first_step_started: float | None = None
         is_tty = getattr(self._stream, "isatty", lambda: False)()
         self._bar = (
             tqdm(total=total_steps, initial=start_step, file=self._stream, unit="step", dynamic_ncols=True)
@@ -81,16 +89,24 @@ class Progress:
             self._bar.update(step - self._bar.n)
             self._bar.set_postfix(reward=_value(metrics, REWARD_KEY), acc=_value(metrics, ACCURACY_KEY))
             return
+        now = self._clock()
+        if self._first_step_started is None:
+            first_step_s = metrics.get(STEP_SECONDS_KEY)
+            self._first_step_started = now - first_step_s if first_step_s is not None else self._started
         done = step - self._start_step
-        seconds_per_step = (self._clock() - self._started) / done if done > 0 else math.nan
-        print(progress_line(step, self.total_steps, metrics, seconds_per_step), file=self._stream, flush=True)
+        seconds_per_step = (now - self._first_step_started) / done if done > 0 else math.nan
+        self._write(progress_line(step, self.total_steps, metrics, seconds_per_step))
 
     def note(self, text: str) -> None:
         """A line that does not disturb the bar."""
         if self._bar is not None:
             self._bar.write(text, file=self._stream)
         else:
-            print(text, file=self._stream, flush=True)
+            self._write(text)
+
+    def _write(self, line: str) -> None:
+        self._stream.write(line + "\n")
+        self._stream.flush()
 
     def close(self) -> None:
         if self._bar is not None:

@@ -53,6 +53,19 @@ def test_plain_lines_off_a_terminal_measure_this_session_only():
     assert "\r" not in stream.getvalue()
 
 
+def test_the_rate_starts_with_the_first_step_not_before_it():
+    stream, clock = io.StringIO(), Clock()
+    progress = Progress(10, stream=stream, clock=clock)
+    clock.now += 100.0  # a warm-start and an evaluation, then step 1 takes 4 s of that
+    progress.update(1, {"time/step_s": 4.0})
+    clock.now += 6.0
+    progress.update(2, {"time/step_s": 6.0})
+    assert stream.getvalue().splitlines() == [
+        "step 1/10 | reward - | acc - | 4.00 s/step | ETA 0:00:36",
+        "step 2/10 | reward - | acc - | 5.00 s/step | ETA 0:00:40",
+    ]
+
+
 def test_a_terminal_gets_a_bar_with_reward_and_accuracy():
     stream = Terminal()
     progress = Progress(4, stream=stream)
