@@ -388,34 +388,45 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)
 
 
+# The paper's algorithm settings (shared/DESIGN.md); its batch, lengths and sampling are
+# the section defaults.
+_PAPER_ALGO: dict[str, Any] = {
+    "estimator": "mapo",
+    "loss_agg_mode": "token-mean",
+    "clip_ratio_low": 0.2,
+    "clip_ratio_high": 0.3,
+    "dual_clip_c": 3.0,
+    "kl_coef": 1e-2,
+    "kl_estimator": "low_var_kl",
+}
+# Eight 80 GB GPUs, half learning and half generating: four ZeRO-2 learner ranks hold the
+# 7B policy, its reference and a quarter of the optimizer each; four vLLM actors (one GPU
+# each) generate and take the weights over NCCL.
+_EIGHT_GPUS: dict[str, Any] = {
+    "trainer": {"num_learners": 4, "cpus_per_learner": 4.0, "use_gpu": True, "eval_every": 10},
+    "learner": {"zero_stage": 2, "gradient_checkpointing": True},
+    "rollout": {
+        "engine": "vllm",
+        "device": "cuda",
+        "num_actors": 4,
+        "num_cpus_per_actor": 4.0,
+        "gpu_memory_utilization": 0.85,
+    },
+    "reward": {"num_workers": 8},
+}
+
 # Each preset is a nested dict applied over the defaults, exactly like a YAML file.
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's Geo3K set-up (shared/DESIGN.md).
-    "geo3k-qwen25vl-7b": {
-        "algo": {
-            "estimator": "mapo",
-            "loss_agg_mode": "token-mean",
-            "clip_ratio_low": 0.2,
-            "clip_ratio_high": 0.3,
-            "dual_clip_c": 3.0,
-            "kl_coef": 1e-2,
-            "kl_estimator": "low_var_kl",
-        },
-    },
+    "geo3k-qwen25vl-7b": {"algo": _PAPER_ALGO, **_EIGHT_GPUS},
     # The paper's recipe scaled to one 80 GB GPU (H100; an H200 has room to spare): the
     # smallest Qwen2.5-VL, its learner and one vLLM actor sharing the GPU. vLLM sleeps
     # while the learner trains, so the two peaks do not add up: the learner's (3B policy,
     # fp32 AdamW over the ~3.1B text parameters, checkpointed activations) is ~70 GB, and
     # generation needs vLLM's 0.3 of the GPU beside the learner's ~45 GB of states.
     "geo3k-qwen25vl-3b-1gpu": {
-        "algo": {
-            "estimator": "mapo",
-            "clip_ratio_low": 0.2,
-            "clip_ratio_high": 0.3,
-            "dual_clip_c": 3.0,
-            # A frozen reference (7.5 GB more) does not fit beside the rest on 80 GB.
-            "kl_coef": 0.0,
-        },
+        # A frozen reference (7.5 GB more) does not fit beside the rest on 80 GB.
+        "algo": {**_PAPER_ALGO, "kl_coef": 0.0},
         "trainer": {
             "model": "Qwen/Qwen2.5-VL-3B-Instruct",
             "total_steps": 200,
@@ -456,9 +467,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # EmoSet-layout data (one image and one of its eight emotion labels per row) with
     # the label reward; the data has no public hub copy, so give data.train / data.test.
     "emoset-qwen25vl-7b": {
-        "algo": {"estimator": "mapo", "kl_coef": 1e-2, "kl_estimator": "low_var_kl"},
+        "algo": _PAPER_ALGO,
+        **_EIGHT_GPUS,
         "data": {"layout": "emoset", "train": "emoset/train.parquet", "test": "emoset/test.parquet"},
         "reward": {
+            **_EIGHT_GPUS["reward"],
             "function": "label",
             "labels": ["amusement", "anger", "awe", "contentment", "disgust", "excitement", "fear", "sadness"],
         },

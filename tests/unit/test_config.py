@@ -62,6 +62,15 @@ def test_null_and_unknown_preset_and_bad_file(tmp_path):
         load_config(bad)
 
 
+@pytest.mark.parametrize("name", ["geo3k-qwen25vl-7b", "emoset-qwen25vl-7b"])
+def test_paper_presets_take_eight_gpus_with_vllm(name):
+    cfg = load_config(preset=name)
+    assert (cfg.rollout.engine, cfg.rollout.device) == ("vllm", "cuda")
+    assert cfg.rollout.num_actors * cfg.rollout.gpus_per_actor + cfg.trainer.num_learners * cfg.trainer.gpus_per_learner == 8
+    assert (cfg.rollout.group_size, cfg.trainer.prompts_per_step, cfg.learner.updates_per_step) == (12, 512, 4)
+    assert (cfg.algo.kl_coef, cfg.algo.kl_estimator, cfg.algo.clip_ratio_high) == (1e-2, "low_var_kl", 0.3)
+
+
 def test_one_gpu_preset_shares_its_gpu():
     """Learner and vLLM actor fit one GPU between them, and sync avoids NCCL (which refuses
     two ranks on one device)."""
