@@ -377,9 +377,9 @@ def test_the_model_cache_is_on_the_shared_volume():
         assert hf_home.is_relative_to(shared_mount()), f"{name}: HF_HOME {hf_home}"
 
 
-def job_config():
+def job_config(*overrides: str):
     args = job_args()
-    return load_config(ROOT / args.config, preset=args.preset, overrides=args.overrides)
+    return load_config(ROOT / args.config, preset=args.preset, overrides=[*args.overrides, *overrides])
 
 
 def pod_resources(group: dict[str, Any]) -> tuple[float, int]:
@@ -390,25 +390,65 @@ def pod_resources(group: dict[str, Any]) -> tuple[float, int]:
     return cpus, int(limits.get(GPU, 0))
 
 
+def placement_problems(config, cluster_spec: dict[str, Any]) -> list[str]:
+    """Whether the job's actors fit the cluster's worker pods, placed first fit as Ray must:
+    each learner worker and rollout engine (its tensor-parallel GPUs on one pod) on a GPU
+    pod, the reward and prompt-preparation actors on the CPU pods; and no GPU left idle."""
+    pods = [list(pod_resources(g)) for g in cluster_spec["workerGroupSpecs"] for _ in range(g["replicas"])]
+    gpu_pods, cpu_pods = [p for p in pods if p[1]], [p for p in pods if not p[1]]
+    trainer, rollout = config.trainer, config.rollout
+    demands = [("learner worker", gpu_pods, trainer.cpus_per_learner, 1)] * trainer.num_learners
+    demands += [("rollout engine", gpu_pods, rollout.num_cpus_per_actor, rollout.tensor_parallel_size)] * (
+        rollout.num_actors
+    )
+    demands += [("reward actor", cpu_pods, config.reward.cpus_per_worker, 0)] * config.reward.num_workers
+    demands += [("prompt actor", cpu_pods, config.data.cpus_per_worker, 0)] * config.data.num_workers
+    problems = []
+    for what, candidates, cpus, gpus in sorted(demands, key=lambda d: -d[3]):
+        pod = next((p for p in candidates if p[0] >= cpus and p[1] >= gpus), None)
+        if pod is None:
+            problems.append(f"a {what} ({cpus} CPUs, {gpus} GPUs) does not fit the pods left")
+            continue
+        pod[0] -= cpus
+        pod[1] -= gpus
+    if not problems and sum(p[1] for p in gpu_pods):
+        problems.append(f"{sum(p[1] for p in gpu_pods)} GPUs left idle")
+    return problems
+
+
 def test_the_jobs_actors_fit_the_cluster():
     config = job_config()
-    workers = {g["groupName"]: g for g in CLUSTER["spec"]["workerGroupSpecs"]}
-    gpu_cpus, gpus_per_pod = pod_resources(workers["gpu"])
-    cpu_cpus, _ = pod_resources(workers["cpu"])
-    gpu_pods, cpu_pods = workers["gpu"]["replicas"], workers["cpu"]["replicas"]
-    rollout, trainer = config.rollout, config.trainer
+    assert config.rollout.engine == "vllm" and config.rollout.device == "cuda" and config.trainer.use_gpu
+    assert placement_problems(config, CLUSTER["spec"]) == []
 
-    assert rollout.engine == "vllm" and rollout.device == "cuda" and trainer.use_gpu
-    # Every GPU is used, and one engine's tensor-parallel group fits one pod.
-    assert trainer.num_learners + rollout.num_actors * rollout.tensor_parallel_size == gpus_per_pod * gpu_pods
-    assert rollout.tensor_parallel_size <= gpus_per_pod
-    # The GPU actors' CPUs fit the GPU pods, the CPU-only actors fit the CPU group.
-    gpu_actor_cpus = trainer.num_learners * trainer.cpus_per_learner
-    gpu_actor_cpus += rollout.num_actors * rollout.num_cpus_per_actor
-    assert gpu_actor_cpus <= gpu_cpus * gpu_pods
-    cpu_actor_cpus = config.reward.num_workers * config.reward.cpus_per_worker
-    cpu_actor_cpus += config.data.num_workers * config.data.cpus_per_worker
-    assert cpu_actor_cpus <= cpu_cpus * cpu_pods
+
+def test_the_job_fits_two_four_gpu_nodes_too():
+    # README: the gpu group as 2 pods of 4 GPUs, with half the CPUs and memory each.
+    spec = copy.deepcopy(CLUSTER["spec"])
+    gpu_group = next(g for g in spec["workerGroupSpecs"] if g["groupName"] == "gpu")
+    gpu_group.update(replicas=2, minReplicas=2, maxReplicas=2)
+    for key in ("requests", "limits"):
+        ray_container(gpu_group)["resources"][key].update({"cpu": "32", "memory": "256Gi", GPU: "4"})
+    assert placement_problems(job_config(), spec) == []
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["rollout.num_actors=5"], "a rollout engine (4.0 CPUs, 1 GPUs) does not fit"),
+        (
+            ["rollout.num_actors=1", "rollout.tensor_parallel_size=8"],
+            "a learner worker (8.0 CPUs, 1 GPUs) does not fit",
+        ),
+        (["trainer.cpus_per_learner=16"], "does not fit"),
+        (["reward.num_workers=40"], "a reward actor (1.0 CPUs, 0 GPUs) does not fit"),
+        (["rollout.num_actors=3"], "1 GPUs left idle"),
+    ],
+    ids=["too-many-engines", "tp-group-too-large", "learners-too-hungry", "too-many-graders", "idle-gpu"],
+)
+def test_the_placement_check_catches_a_job_that_does_not_fit(overrides, expected):
+    problems = placement_problems(job_config(*overrides), CLUSTER["spec"])
+    assert any(expected in p for p in problems), problems
 
 
 def test_the_runtime_env_uploads_the_images_repository():
@@ -429,20 +469,49 @@ def dockerfile_workdir() -> str:
     return workdir
 
 
-def test_the_image_is_pinned_to_the_gpu_constraints():
-    text = dockerfile()
+def image_problems(text: str) -> list[str]:
+    """Where a Dockerfile strays from the GPU pins: a Ray other than constraints/gpu.txt's
+    (or the manifests' rayVersion), a Python other than the project's, a CUDA other than
+    the pinned torch wheels', or an install that ignores constraints/gpu.txt."""
     gpu = pins("gpu.txt")
-    (ray_version,) = re.findall(r"^ARG RAY_VERSION=(\S+)", text, re.MULTILINE)
-    assert ray_version == gpu["ray"] == CLUSTER["spec"]["rayVersion"]
-    (base,) = re.findall(r"^FROM\s+(\S+)", text, re.MULTILINE)
-    match = re.fullmatch(r"rayproject/ray:\$\{RAY_VERSION\}-py(\d)(\d+)-cu(\d+)(\d)", base)
-    assert match, base
-    python = f"{match[1]}.{match[2]}"
-    assert PROJECT["requires-python"] == f">={python}"
-    # The base image's CUDA is the one the pinned torch wheels bring.
-    cuda_runtime = gpu["nvidia-cuda-runtime"].split(".")
-    assert (match[3], match[4]) == (cuda_runtime[0], cuda_runtime[1]), (base, gpu["nvidia-cuda-runtime"])
-    assert 'pip install --no-cache-dir -c constraints/gpu.txt -e ".[vllm]"' in text
+    problems = []
+    ray_version = re.findall(r"^ARG RAY_VERSION=(\S+)", text, re.MULTILINE)
+    if ray_version != [gpu["ray"]] or gpu["ray"] != CLUSTER["spec"]["rayVersion"]:
+        rayversion = CLUSTER["spec"]["rayVersion"]
+        problems.append(f"Ray {ray_version}, but gpu.txt pins {gpu['ray']} and the manifests {rayversion}")
+    base = re.findall(r"^FROM\s+(\S+)", text, re.MULTILINE)
+    match = re.fullmatch(r"rayproject/ray:\$\{RAY_VERSION\}-py(\d)(\d+)-cu(\d+)(\d)", base[0] if base else "")
+    if not match:
+        return [*problems, f"FROM {base}: not rayproject/ray:${{RAY_VERSION}}-pyXY-cuXYZ"]
+    if PROJECT["requires-python"] != f">={match[1]}.{match[2]}":
+        problems.append(f"{base[0]}: Python {match[1]}.{match[2]}, the project {PROJECT['requires-python']}")
+    cuda = gpu["nvidia-cuda-runtime"].split(".")[:2]
+    if [match[3], match[4]] != cuda:
+        problems.append(f"{base[0]}: CUDA {match[3]}.{match[4]}, the pinned torch's {'.'.join(cuda)}")
+    if 'pip install --no-cache-dir -c constraints/gpu.txt -e ".[vllm]"' not in text:
+        problems.append("the package is not installed with -c constraints/gpu.txt")
+    return problems
+
+
+def test_the_image_is_pinned_to_the_gpu_constraints():
+    assert image_problems(dockerfile()) == []
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (("ARG RAY_VERSION=2.60.0", "ARG RAY_VERSION=2.59.0"), "gpu.txt pins 2.60.0"),
+        (("-py311-", "-py312-"), "Python 3.12"),
+        (("-cu130", "-cu128"), "CUDA 12.8"),
+        (("-cu130", "-gpu"), "not rayproject/ray"),
+        (('-c constraints/gpu.txt -e ".[vllm]"', '-e ".[vllm]"'), "not installed with -c constraints/gpu.txt"),
+    ],
+    ids=["other-ray", "other-python", "other-cuda", "untagged-cuda", "unconstrained-install"],
+)
+def test_the_image_check_catches_a_stray_dockerfile(change, expected):
+    assert change[0] in dockerfile()
+    problems = image_problems(dockerfile().replace(change[0], change[1]))
+    assert any(expected in p for p in problems), problems
 
 
 def test_every_pod_runs_one_image_of_this_version():
