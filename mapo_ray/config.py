@@ -399,12 +399,15 @@ _PAPER_ALGO: dict[str, Any] = {
     "kl_coef": 1e-2,
     "kl_estimator": "low_var_kl",
 }
-# Eight 80 GB GPUs, half learning and half generating: four ZeRO-2 learner ranks hold the
-# 7B policy, its reference and a quarter of the optimizer each; four vLLM actors (one GPU
-# each) generate and take the weights over NCCL.
+# Eight 80 GB GPUs on one node (k8s/raycluster.yaml), half learning and half generating,
+# each on GPUs of its own so neither waits for the other's memory: four ZeRO-3 learner
+# ranks hold the 7B policy, its reference and the AdamW states (~30 GB a GPU); four vLLM
+# actors (one GPU each) hold a bf16 copy and a KV cache for 512 x 12 rollouts, and take
+# the weights in one NCCL broadcast inside the node. Reward and prompt actors need CPUs
+# only, which Ray places off the GPU node while CPU nodes have room.
 _EIGHT_GPUS: dict[str, Any] = {
-    "trainer": {"num_learners": 4, "cpus_per_learner": 4.0, "use_gpu": True, "eval_every": 10},
-    "learner": {"zero_stage": 2, "gradient_checkpointing": True},
+    "trainer": {"num_learners": 4, "cpus_per_learner": 8.0, "use_gpu": True, "eval_every": 10},
+    "learner": {"zero_stage": 3, "gradient_checkpointing": True},
     "rollout": {
         "engine": "vllm",
         "device": "cuda",
@@ -412,7 +415,8 @@ _EIGHT_GPUS: dict[str, Any] = {
         "num_cpus_per_actor": 4.0,
         "gpu_memory_utilization": 0.85,
     },
-    "reward": {"num_workers": 8},
+    "reward": {"num_workers": 16},
+    "data": {"num_workers": 4},
 }
 
 # Each preset is a nested dict applied over the defaults, exactly like a YAML file.
@@ -469,7 +473,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "emoset-qwen25vl-7b": {
         "algo": _PAPER_ALGO,
         **_EIGHT_GPUS,
-        "data": {"layout": "emoset", "train": "emoset/train.parquet", "test": "emoset/test.parquet"},
+        "data": {
+            **_EIGHT_GPUS["data"],
+            "layout": "emoset",
+            "train": "emoset/train.parquet",
+            "test": "emoset/test.parquet",
+        },
         "reward": {
             **_EIGHT_GPUS["reward"],
             "function": "label",
