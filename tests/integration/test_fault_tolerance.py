@@ -1,5 +1,8 @@
 """Fault tolerance of the whole loop on a local Ray cluster, each failure caused for real.
 
+- a rollout actor killed mid-call (``ray.kill`` with restart), driven by the loop's
+  ``launch`` / ``finish``: its share is generated again, bit for bit, once Ray has
+  restarted it and it holds the current weights; past ``max_restarts``, a RolloutError;
 - a rollout actor killed mid-run (``ray.kill`` with restart): Ray restarts it, it
   rejoins the weight sync with the current weights, its prompts are generated again,
   and the ledger shows every prompt scored exactly once;
@@ -7,9 +10,10 @@
   counted in ``metrics.jsonl``, and the step completes;
 - a learner worker killed (SIGKILL to its process): Ray Train restarts it from the
   latest checkpoint and the run ends with every step, in the uninterrupted data order;
-- a learner that crashes while writing a checkpoint (its file-size limit is lowered
-  from outside, so the kernel kills it mid-write with SIGXFSZ): the run folder still
-  resumes (``--resume auto``) from the previous checkpoint.
+- a learner whose checkpoint write fails partway (its file-size limit is lowered from
+  outside, so the kernel refuses writes past it, as on a full disk, and ``torch.save``
+  fails mid-file) and whose run then fails: the run folder still resumes (``--resume
+  auto``) from the previous checkpoint.
 
 A reward actor's death is tested in ``test_reward_pool.py``. The learner processes
 are found among this test process's own descendants (the local cluster's workers),
@@ -30,13 +34,20 @@ from pathlib import Path
 import psutil
 import pytest
 import ray
+import ray.train
 import torch
 
-from mapo_ray.config import load_config
+from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+from mapo_ray.config import RolloutConfig, SyncConfig, load_config
+from mapo_ray.data.prompts import render_prompt
 from mapo_ray.job import resolve_inputs
-from mapo_ray.loop import DataPosition, PromptStream, train
+from mapo_ray.loop import DataPosition, PromptStream, finish, launch, train
+from mapo_ray.models import tiny_vl_path
 from mapo_ray.reward.pool import RewardPool
-from mapo_ray.rollout.actor import create_rollout_actors
+from mapo_ray.rollout import Prompt, SamplingParams
+from mapo_ray.rollout.actor import RolloutError, await_restart, create_rollout_actors
+from mapo_ray.sync.ray_sync import RayWeightSync
 from mapo_ray.telemetry.ledger import LEDGER_FILE, read_ledger
 from mapo_ray.telemetry.records import METRICS_FILE, read_metrics
 
@@ -152,6 +163,51 @@ def assert_each_prompt_once_per_epoch(ledger: dict[int, list[tuple[str, int]]]) 
     assert counts and max(counts.values()) == 1, [pair for pair, n in counts.items() if n > 1]
 
 
+def test_a_restarted_actor_generates_its_share_again_exactly_and_the_bound_holds(ray_cluster):
+    cfg = RolloutConfig(num_actors=2, num_cpus_per_actor=0.5, group_size=2, max_new_tokens=8, top_p=1.0)
+    actors = create_rollout_actors(cfg, tiny_vl_path())
+    sync = RayWeightSync(SyncConfig(backend="gloo", timeout_s=120))
+    # Weights unlike the model folder's, which a restarted actor would otherwise sample from.
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_vl_path())
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(1.25)
+
+    def revive(names: list[str]) -> None:  # what the loop's rank 0 does, without the other learner ranks
+        for name in names:
+            await_restart(actors[name], name, 120)
+        sync.connect(actors)
+        sync.sync_model(model, again=True)
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_vl_path())
+    prompts = [Prompt(f"p{i}", render_prompt(tokenizer, f"What is {i} + {i}?"), (), str(2 * i)) for i in range(4)]
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=8, seed=7)
+    try:
+        sync.connect(actors)
+        assert sync.sync_model(model) == 1
+        reference = finish(launch(actors, prompts, params, DataPosition()), 120)
+
+        pending = launch(actors, prompts, params, DataPosition())
+        ray.kill(actors["rollout-1"], no_restart=False)  # mid-call: its share is lost
+        groups = finish(pending, 120, revive, max_restarts=1)
+        assert pending.restarts == 1
+        assert ray.get([a.weight_version.remote() for a in actors.values()], timeout=120) == [1, 1]
+        # Same weights, same share, same seed: the restarted actor's groups are the lost ones.
+        assert [g.uid for g in groups] == ["p0", "p1", "p2", "p3"]
+        assert [[s.response_ids for s in g.samples] for g in groups] == [
+            [s.response_ids for s in g.samples] for g in reference
+        ]
+
+        pending = launch(actors, prompts, params, DataPosition())
+        ray.kill(actors["rollout-0"], no_restart=False)
+        with pytest.raises(RolloutError, match=r"'rollout-0' .*rollout\.max_restarts is 0"):
+            finish(pending, 120, revive, max_restarts=0)
+    finally:
+        sync.close()
+        for actor in actors.values():
+            ray.kill(actor)
+
+
 def test_a_killed_rollout_actor_is_restarted_resynced_and_its_prompts_reissued(ray_cluster, tmp_path):
     # Two learners under ZeRO-3: the resend after the restart gathers parameters from both.
     cfg, model_path = config(
@@ -242,7 +298,9 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_to_resume_fr
     run_dir = tmp_path / "run"
     watchers: list[When] = []
     started = time.time()
-    limit = 1_000_000  # bytes: above every log and metrics file, below a checkpoint's weight file
+    # Bytes: above every log and metrics file, below a checkpoint's weight file. Python
+    # ignores SIGXFSZ, so a write past it fails (EFBIG) instead of killing the process.
+    limit = 1_000_000
 
     def cap_file_size():
         (proc,) = learner_processes(started)
@@ -254,7 +312,8 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_to_resume_fr
         watchers.append(When(lambda: 2 in logged_steps(run_dir, LEDGER_FILE), cap_file_size))
         watchers[0].start()
 
-    with pytest.raises(ray.train.TrainingFailedError):
+    # The failure is DeepSpeed's torch.save of the next checkpoint, part-way through its file.
+    with pytest.raises(ray.train.TrainingFailedError, match=r'serialization\.py", line \d+, in save'):
         run(cfg, model_path, run_dir, during=cap_once_checkpoint_one_is_in)
     watchers[0].stop()
     assert watchers[0].fired
