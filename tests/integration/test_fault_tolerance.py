@@ -246,17 +246,19 @@ def test_a_hanging_reward_function_costs_the_grading_time_limit_and_is_counted(r
         "reward.function=tests.integration.fault_rewards:hang",
         "reward.grading_timeout_s=1.0",
         "reward.call_timeout_s=60",
+        "trainer.prompts_per_step=2",  # each overrun also restarts the grading process
     )
     run_dir = tmp_path / "run"
     result, versions = run(cfg, model_path, run_dir)
     assert result.error is None and versions == [1]
     step = read_metrics(run_dir / METRICS_FILE).train[1]
-    rollouts = PROMPTS * cfg.rollout.group_size
+    prompts = cfg.trainer.prompts_per_step
+    rollouts = prompts * cfg.rollout.group_size
     # Every grading was cut at the grading limit; no group needed the call time-out.
     assert step["reward/failed/timeout"] == rollouts
     assert step["reward/failed/call_timeout"] == 0 and step["reward/graded"] == 0
     assert step["reward/mean"] == 0.0
-    assert len(read_ledger(run_dir / LEDGER_FILE)[1]) == PROMPTS
+    assert len(read_ledger(run_dir / LEDGER_FILE)[1]) == prompts
 
 
 def test_a_killed_learner_restarts_from_its_checkpoint_and_keeps_the_data_order(ray_cluster, tmp_path):
