@@ -126,6 +126,9 @@ class RewardConfig:
     grading_timeout_s: float = 5.0
     # Backstop for a whole group's actor call (a stuck actor); must allow a group's gradings.
     call_timeout_s: float = 300.0
+    # A group whose reward actor died is graded again on a fresh actor, at most this many
+    # times (counted as reward/retried); then its rollouts get 0, counted as actor_died.
+    max_retries: int = 2
 
     def __post_init__(self) -> None:
         # Imported here because mapo_ray.reward imports this module.
@@ -149,6 +152,8 @@ class RewardConfig:
         for name in ("num_workers", "cpus_per_worker", "grading_timeout_s", "call_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"reward.{name} must be positive, got {getattr(self, name)}")
+        if self.max_retries < 0:
+            raise ValueError(f"reward.max_retries must be >= 0, got {self.max_retries}")
         if self.call_timeout_s <= self.grading_timeout_s:
             raise ValueError(
                 f"reward.call_timeout_s ({self.call_timeout_s}) must exceed "
@@ -210,6 +215,11 @@ class RolloutConfig:
     sleep_between_rollouts: bool = False
     # Driver-side limit on one actor call (a rollout batch); past it the actor is named.
     call_timeout_s: float = 1800.0
+    # Ray restarts a rollout actor whose process died; the loop then re-forms the weight
+    # sync, sends the current weights and re-issues only that actor's prompts (same
+    # seed). One batch waits for at most this many restarts, each within sync.timeout_s,
+    # before a RolloutError. 0: actors are not restarted.
+    max_restarts: int = 3
 
     def __post_init__(self) -> None:
         positive = (
@@ -224,6 +234,8 @@ class RolloutConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"rollout.{name} must be positive, got {getattr(self, name)}")
+        if self.max_restarts < 0:
+            raise ValueError(f"rollout.max_restarts must be >= 0, got {self.max_restarts}")
         if not self.temperature >= 0:
             raise ValueError(f"rollout.temperature must be >= 0, got {self.temperature}")
         if self.temperature == 0 and self.group_size != 1:

@@ -17,6 +17,7 @@ import ray
 from mapo_ray.config import Config, load_config
 from mapo_ray.data.synthetic import write_task
 from mapo_ray.models.tiny import cache_dir, tiny_vl_path
+from mapo_ray.telemetry.ledger import LEDGER_FILE
 from mapo_ray.telemetry.records import METRICS_FILE, read_metrics
 
 SYNTHETIC = "synthetic"
@@ -123,6 +124,7 @@ def summarize(run_dir: Path, wall_s: float) -> str:
         lines.append(f"evaluation at step {last}: accuracy {value(history.evals[last], 'eval/accuracy'):.3f}")
     lines += [
         f"metrics: {run_dir / METRICS_FILE} (TensorBoard: tensorboard --logdir {run_dir})",
+        f"prompt ledger (the prompts each step scored): {run_dir / LEDGER_FILE}",
         f"plots: {run_dir / 'curves.png'}, {run_dir / 'certainty.png'}",
         f"checkpoints: {run_dir / 'checkpoints'}",
         f"final policy (Hugging Face format): {run_dir / 'policy'}",

@@ -12,6 +12,15 @@ On-policy (the default), batch v+1 is sampled after the weights of step v reache
 actors. Async mode launches the next ``trainer.max_staleness`` batches before the
 update, so generation overlaps training; every sample carries the weight version that
 sampled it, and a batch older than the bound is an error, not a silent mix.
+
+Failures: a rollout actor whose process dies mid-batch is restarted by Ray; rank 0
+waits for it, re-forms the weight-sync group with every actor, sends the current
+weights again (all learner ranks take part, for ZeRO-3) and re-issues only that
+actor's prompts with the same seed (``rollout.max_restarts`` per batch). Reward
+actors are retried inside ``RewardPool``. A learner worker that dies takes Ray
+Train's restart (``trainer.max_failures``): every rank restarts from the latest
+checkpoint and its data position, and rank 0 connects to the same driver-owned
+actors again. ``ledger.jsonl`` records which prompts each step scored.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ import statistics
 import tempfile
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,15 +47,20 @@ from mapo_ray.learner.sft import warm_start
 from mapo_ray.reward import GroupRequest, GroupResult, failure_metrics
 from mapo_ray.reward.pool import RewardPool
 from mapo_ray.rollout import Group, Prompt, SamplingParams, count_tokens, prompts_from_batch
-from mapo_ray.rollout.actor import collect
+from mapo_ray.rollout.actor import RolloutError, await_restart, gather
 from mapo_ray.rollout.engine import sampling_params
 from mapo_ray.rollout.sampling import derive_seed
 from mapo_ray.sync.ray_sync import RayWeightSync
 from mapo_ray.telemetry import RunLogger
+from mapo_ray.telemetry.ledger import PromptLedger
 
 # Salts of the seed streams, so training and evaluation never share samples.
 _TRAIN_SEED, _EVAL_SEED = 1, 2
 _HEADLINE = ("step", "weight_version", "reward/mean", "reward/accuracy", "actor/pg_loss")
+
+
+class _Resync:
+    """What rank 0 broadcasts in place of a batch or a state: "take part in a weight sync first"."""
 
 
 # ------------------------------------------------------------------------- prompts
@@ -78,7 +92,12 @@ class PromptStream:
 
     def take(self, n: int) -> list[Prompt]:
         """The next ``n`` prompts, continuing into the next epoch when this one ends."""
+        return self.take_with_epochs(n)[0]
+
+    def take_with_epochs(self, n: int) -> tuple[list[Prompt], list[int]]:
+        """``take(n)``, and the epoch each prompt was drawn in."""
         out: list[Prompt] = []
+        epochs: list[int] = []
         empty_epochs = 0
         while len(out) < n:
             prompt = next(self._iter, None)
@@ -89,8 +108,9 @@ class PromptStream:
                 self._open_epoch(self.position.epoch + 1, skip=0)
                 continue
             out.append(prompt)
+            epochs.append(self.position.epoch)
             self.position = DataPosition(self.position.epoch, self.position.taken + 1)
-        return out
+        return out, epochs
 
     def metrics(self) -> dict[str, float]:
         """``data/prompts`` and ``data/skipped/<reason>`` since this stream started."""
@@ -132,11 +152,20 @@ def load_eval_prompts(config: Config, tokenizer_path: str) -> list[Prompt]:
 
 @dataclass
 class Launch:
-    """Rollout calls in flight for one batch of prompts, and where the stream stood before it."""
+    """Rollout calls in flight for one batch of prompts, and where the stream stood before it.
+
+    ``shares`` (actor name -> its prompts, in prompt order) and ``params`` let a lost
+    call be made again exactly; ``epochs`` (the data epoch of each prompt) feed the ledger.
+    """
 
     prompts: list[Prompt]
     refs: dict[ray.ObjectRef, str]
     position: DataPosition
+    actors: Mapping[str, ActorHandle]
+    shares: dict[str, list[Prompt]]
+    params: SamplingParams
+    epochs: list[int] = field(default_factory=list)
+    restarts: int = 0  # actors restarted while this batch was generated
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -144,18 +173,38 @@ def launch(actors: Mapping[str, ActorHandle], prompts: list[Prompt], params: Sam
     """Split ``prompts`` evenly over ``actors`` and start generating (non-blocking)."""
     names = list(actors)
     share = -(-len(prompts) // len(names))
-    refs = {
-        actors[name].generate.remote(prompts[i * share : (i + 1) * share], params): name
-        for i, name in enumerate(names)
-        if prompts[i * share : (i + 1) * share]
-    }
-    return Launch(prompts, refs, position)
+    shares = {name: prompts[i * share : (i + 1) * share] for i, name in enumerate(names)}
+    shares = {name: part for name, part in shares.items() if part}
+    refs = {actors[name].generate.remote(part, params): name for name, part in shares.items()}
+    return Launch(prompts, refs, position, actors, shares, params)
 
 
-def finish(pending: Launch, timeout_s: float) -> list[Group]:
-    """The groups of ``pending`` in prompt order; ``RolloutError`` naming any actor that failed."""
-    by_actor = collect(pending.refs, f"rollout of {len(pending.prompts)} prompts", timeout_s)
-    return [g for name in pending.refs.values() for g in by_actor[name]]
+def finish(
+    pending: Launch, timeout_s: float, revive: Callable[[list[str]], None] | None = None, max_restarts: int = 0
+) -> list[Group]:
+    """The groups of ``pending`` in prompt order.
+
+    An actor lost mid-call (its process died; Ray restarts it) is brought back by
+    ``revive(names)``, which must leave it holding the current weights, and only its
+    prompts are generated again, with the same sampling parameters and seed, at most
+    ``max_restarts`` restarts in all. Raises ``RolloutError`` naming any actor that
+    failed otherwise, or that was lost once more than that.
+    """
+    what = f"rollout of {len(pending.prompts)} prompts"
+    refs = pending.refs
+    by_actor: dict[str, list[Group]] = {}
+    while True:
+        results, lost = gather(refs, what, timeout_s)
+        by_actor.update(results)
+        if not lost:
+            return [g for name in pending.shares for g in by_actor[name]]
+        if revive is None or pending.restarts + len(lost) > max_restarts:
+            problems = "; ".join(f"{name!r} {why}" for name, why in lost.items())
+            bound = f" (restarted {pending.restarts} already; rollout.max_restarts is {max_restarts})" if revive else ""
+            raise RolloutError(f"{what} failed: {problems}{bound}")
+        pending.restarts += len(lost)
+        revive(list(lost))
+        refs = {pending.actors[name].generate.remote(pending.shares[name], pending.params): name for name in lost}
 
 
 def score(pool: RewardPool, groups: Sequence[Group]) -> list[GroupResult]:
@@ -210,7 +259,7 @@ def keep_informative(groups: list[Group], results: list[GroupResult], threshold:
 
 @dataclass
 class RolloutSide:
-    """What rank 0 drives: the actors, the reward pool, the weight sync, the prompts and the log."""
+    """What rank 0 drives: the actors, the reward pool, the weight sync, the prompts and the logs."""
 
     actors: dict[str, ActorHandle]
     rewards: RewardPool
@@ -218,6 +267,7 @@ class RolloutSide:
     stream: PromptStream
     eval_prompts: list[Prompt]
     logger: RunLogger
+    ledger: PromptLedger
     pending: deque[Launch] = field(default_factory=deque)
 
 
@@ -261,6 +311,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             stream=PromptStream(config, loop_config["model_path"], position),
             eval_prompts=load_eval_prompts(config, loop_config["model_path"]) if trainer.eval_every else [],
             logger=RunLogger(loop_config["run_dir"], total_steps=trainer.total_steps, start_step=start_step),
+            ledger=PromptLedger(loop_config["run_dir"]),
         )
         side.sync.connect(side.actors)
     warm_metrics: dict[str, float] = {}
@@ -272,7 +323,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         warm_metrics = warm_start(learner, config.sft, side.stream.take if side else None).summary()
         sync_weights(learner, side)
         if side and trainer.eval_every:
-            side.logger.log_eval(0, evaluate(config, side, 0))
+            side.logger.log_eval(0, evaluate(config, learner, side, 0))
 
     for step in range(start_step + 1, trainer.total_steps + 1):
         metrics = training_step(step, config, learner, side)
@@ -281,7 +332,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if side:
             side.logger.log(step, metrics)
             if trainer.eval_every and (step % trainer.eval_every == 0 or step == trainer.total_steps):
-                eval_metrics = evaluate(config, side, step)
+                eval_metrics = evaluate(config, learner, side, step)
                 side.logger.log_eval(step, eval_metrics)
                 metrics = {**metrics, **eval_metrics}
         report(step, config, learner, side, metrics)
@@ -289,6 +340,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     learner.export_hf(Path(loop_config["run_dir"]) / "policy")
     if side:
         side.logger.close()
+        side.ledger.close()
         side.sync.close()
 
 
@@ -296,8 +348,8 @@ def training_step(step: int, config: Config, learner: Learner, side: RolloutSide
     """One step on every rank: rank 0 gathers the batch, all ranks update, rank 0 syncs."""
     start = time.perf_counter()
     metrics: dict[str, float] = {}
-    batch = rollout_batch(step, config, side, metrics) if side else None
-    batch = broadcast(batch)
+    batch = rollout_batch(step, config, learner, side, metrics) if side else None
+    batch = broadcast(batch, learner)
 
     learn_start = time.perf_counter()
     advantages = learner.advantages(batch)
@@ -326,7 +378,9 @@ def training_step(step: int, config: Config, learner: Learner, side: RolloutSide
     return metrics
 
 
-def rollout_batch(step: int, config: Config, side: RolloutSide, metrics: dict[str, float]) -> list[Experience]:
+def rollout_batch(
+    step: int, config: Config, learner: Learner, side: RolloutSide, metrics: dict[str, float]
+) -> list[Experience]:
     """Rank 0: the step's scored experiences; fills the generation and reward metrics."""
     trainer, threshold = config.trainer, config.algo.success_threshold
     n = trainer.prompts_per_step
@@ -334,8 +388,10 @@ def rollout_batch(step: int, config: Config, side: RolloutSide, metrics: dict[st
     if not side.pending:
         side.pending.append(_launch_next(step, config, side))
     pending = side.pending.popleft()
-    groups = finish(pending, config.rollout.call_timeout_s)
+    groups = _finish(pending, config, learner, side)
     prompts = {p.uid: p for p in pending.prompts}
+    scored = list(zip((p.uid for p in pending.prompts), pending.epochs))
+    restarts = pending.restarts
     if trainer.mode == "async":
         ahead = step + len(side.pending) + 1
         while len(side.pending) < trainer.max_staleness and ahead <= trainer.total_steps:
@@ -353,9 +409,11 @@ def rollout_batch(step: int, config: Config, side: RolloutSide, metrics: dict[st
         while len(groups) < n and rounds < trainer.max_extra_rounds:
             rounds += 1
             extra_launch = _launch_next(step, config, side, salt=rounds)
-            extra = finish(extra_launch, config.rollout.call_timeout_s)
+            extra = _finish(extra_launch, config, learner, side)
             extra_results = score(side.rewards, extra)
             prompts.update({p.uid: p for p in extra_launch.prompts})
+            scored += zip((p.uid for p in extra_launch.prompts), extra_launch.epochs)
+            restarts += extra_launch.restarts
             more, more_results = keep_informative(extra, extra_results, threshold)
             groups, results = groups + more, results + more_results
             tokens += count_tokens(extra)
@@ -366,6 +424,8 @@ def rollout_batch(step: int, config: Config, side: RolloutSide, metrics: dict[st
             raise RuntimeError(f"step {step}: dynamic sampling kept no group in {rounds + 1} rounds")
     metrics["time/reward_s"] = time.perf_counter() - reward_start
     metrics["perf/tokens_per_s"] = tokens / max(metrics["time/generate_s"], 1e-9)
+    metrics["rollout/restarts"] = float(restarts)
+    side.ledger.record(step, scored)
 
     batch = to_experiences(groups, results, prompts, threshold)
     stale = side.sync.version - min(e.weight_version for e in batch)
@@ -379,11 +439,27 @@ def rollout_batch(step: int, config: Config, side: RolloutSide, metrics: dict[st
 def _launch_next(step: int, config: Config, side: RolloutSide, salt: int = 0) -> Launch:
     params = sampling_params(config.rollout, derive_seed(derive_seed(config.seed, _TRAIN_SEED), step * 1000 + salt))
     position = side.stream.position
-    prompts = side.stream.take(config.trainer.prompts_per_step)
-    return launch(side.actors, prompts, params, position)
+    prompts, epochs = side.stream.take_with_epochs(config.trainer.prompts_per_step)
+    pending = launch(side.actors, prompts, params, position)
+    pending.epochs = epochs
+    return pending
 
 
-def evaluate(config: Config, side: RolloutSide, step: int) -> dict[str, float]:
+def _finish(pending: Launch, config: Config, learner: Learner, side: RolloutSide) -> list[Group]:
+    """``finish``, bringing lost rollout actors back with the current weights."""
+
+    def revive(names: list[str]) -> None:
+        for name in names:
+            await_restart(side.actors[name], name, config.sync.timeout_s)
+        # A torch process group cannot take a new member: every actor joins a new one.
+        broadcast(_Resync(), learner)
+        side.sync.connect(side.actors)
+        side.sync.sync_model(learner.policy, again=True)
+
+    return finish(pending, config.rollout.call_timeout_s, revive, config.rollout.max_restarts)
+
+
+def evaluate(config: Config, learner: Learner, side: RolloutSide, step: int) -> dict[str, float]:
     """Rank 0: accuracy and format rate on the evaluation prompts (one response each)."""
     trainer = config.trainer
     greedy = trainer.eval_temperature == 0
@@ -395,7 +471,7 @@ def evaluate(config: Config, side: RolloutSide, step: int) -> dict[str, float]:
         stop=tuple(config.rollout.stop),
         seed=derive_seed(derive_seed(config.seed, _EVAL_SEED), step),
     )
-    groups = finish(launch(side.actors, side.eval_prompts, params, side.stream.position), config.rollout.call_timeout_s)
+    groups = _finish(launch(side.actors, side.eval_prompts, params, side.stream.position), config, learner, side)
     results = score(side.rewards, groups)
     scores = [r.scores[0] for r in results]
     return {
@@ -416,12 +492,20 @@ def sync_weights(learner: Learner, side: RolloutSide | None) -> int:
     return -1
 
 
-def broadcast(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank, over the learner's own group."""
-    box = [obj]
-    if dist.get_world_size() > 1:
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
+def broadcast(obj: Any, learner: Learner) -> Any:
+    """Rank 0's ``obj`` on every rank, over the learner's own group.
+
+    While they wait, the other ranks take part in each weight sync rank 0 announces
+    with a ``_Resync`` (a rollout actor came back mid-step); under ZeRO-3 it gathers
+    the parameters from every rank.
+    """
+    while True:
+        box = [obj]
+        if dist.get_world_size() > 1:
+            dist.broadcast_object_list(box, src=0)
+        if learner.rank == 0 or not isinstance(box[0], _Resync):
+            return box[0]
+        sync_weights(learner, None)
 
 
 def report(step: int, config: Config, learner: Learner, side: RolloutSide | None, metrics: dict[str, float]) -> None:
@@ -438,7 +522,7 @@ def report(step: int, config: Config, learner: Learner, side: RolloutSide | None
         # The next batch to train on starts where the oldest batch still in flight began.
         position = side.pending[0].position if side.pending else side.stream.position
         state = {"step": step, "data": {"epoch": position.epoch, "taken": position.taken}}
-    state = broadcast(state)
+    state = broadcast(state, learner)
     # Ray Train keeps (and prints) these with the checkpoint; the full set is in metrics.jsonl.
     headline = {k: v for k, v in metrics.items() if k in _HEADLINE or k.startswith("eval/")}
     with tempfile.TemporaryDirectory(prefix="mapo-ckpt-") as folder:

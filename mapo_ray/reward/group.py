@@ -41,12 +41,14 @@ class GroupResult:
 
     ``scores[i]`` holds every component the reward function returned, including
     ``"overall"``; a failed response has only ``{"overall": 0.0}`` and
-    ``failures[i]`` names why (None when graded).
+    ``failures[i]`` names why (None when graded). ``retries`` counts the calls
+    that were lost with their reward actor and made again on another.
     """
 
     uid: str
     scores: list[dict[str, float]]
     failures: list[FailureKind | None]
+    retries: int = 0
 
     @property
     def rewards(self) -> list[float]:
@@ -54,9 +56,11 @@ class GroupResult:
         return [s["overall"] for s in self.scores]
 
     @staticmethod
-    def all_failed(request: GroupRequest, kind: FailureKind) -> GroupResult:
+    def all_failed(request: GroupRequest, kind: FailureKind, retries: int = 0) -> GroupResult:
         n = len(request.responses)
-        return GroupResult(uid=request.uid, scores=[{"overall": 0.0} for _ in range(n)], failures=[kind] * n)
+        return GroupResult(
+            uid=request.uid, scores=[{"overall": 0.0} for _ in range(n)], failures=[kind] * n, retries=retries
+        )
 
 
 def log_failure(kind: FailureKind, error: str, uid: str, index: int | str, response: str, answer: str) -> None:
@@ -89,8 +93,11 @@ def grade_group(request: GroupRequest, grade: Callable[[str, str], Graded]) -> G
 def failure_metrics(results: Iterable[GroupResult]) -> dict[str, int]:
     """``reward/failed/<kind>`` counts over ``results`` (every kind present, zeros
     included, so a dashboard shows a flat line rather than a gap), plus
-    ``reward/graded``, the number of responses graded without failure."""
+    ``reward/graded``, the number of responses graded without failure, and
+    ``reward/retried``, the group calls made again after their actor died."""
+    results = list(results)
     counts = Counter(kind for result in results for kind in result.failures)
     metrics = {f"reward/failed/{kind}": counts[kind] for kind in FAILURE_KINDS}
     metrics["reward/graded"] = counts[None]
+    metrics["reward/retried"] = sum(result.retries for result in results)
     return metrics

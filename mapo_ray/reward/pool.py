@@ -4,13 +4,19 @@ Each ``RewardWorker`` is a thin actor around one ``TimedGrader`` (every grading 
 child process with its own time limit). ``RewardPool`` lives in the driver and
 hands out one group per idle actor, so a slow group never queues others behind it
 and each call's deadline (``reward.call_timeout_s``) runs from the moment an actor
-starts on it. When a call overruns or its actor dies, the group's rollouts get
-reward 0 (``call_timeout`` / ``actor_died``), and the actor is replaced before it
-gets more work: the pool survives anything a reward function does.
+starts on it. When an actor dies, it is replaced and its group is graded again by
+the next idle actor, up to ``reward.max_retries`` times (counted in
+``GroupResult.retries``); a group still unlucky after that gets reward 0
+(``actor_died``). A call that overruns gets reward 0 (``call_timeout``) at once: a
+hanging reward function would hang again, so it costs one time-out, not several.
+Either way the actor is replaced before it gets more work: the pool survives
+anything a reward function does.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -24,6 +30,9 @@ from mapo_ray.reward.contract import FailureKind
 from mapo_ray.reward.functions import load_reward_fn
 from mapo_ray.reward.group import GroupRequest, GroupResult, grade_group, log_failure
 from mapo_ray.reward.sandbox import TimedGrader
+from mapo_ray.sync.errors import first_line
+
+logger = logging.getLogger(__name__)
 
 
 @ray.remote
@@ -62,13 +71,15 @@ class RewardPool:
     def score(self, requests: Sequence[GroupRequest]) -> list[GroupResult]:
         """Grade every group; results are in the order of ``requests``.
 
-        Never raises for a reward function's failure or a lost actor: those
-        rollouts get reward 0 and a failure kind (count them with
-        ``group.failure_metrics``). Raises only if a replacement actor cannot start.
+        Never raises for a reward function's failure or a lost actor: a group whose
+        actor died is retried (``reward.max_retries``), and failed rollouts get
+        reward 0 and a failure kind (count both with ``group.failure_metrics``).
+        Raises only if a replacement actor cannot start.
         """
         if not self._actors:
             raise RuntimeError("RewardPool.score called after shutdown")
         results: list[GroupResult | None] = [None] * len(requests)
+        retries = [0] * len(requests)
         waiting = deque(range(len(requests)))
         idle = list(range(len(self._actors)))
         running: dict[ray.ObjectRef, tuple[int, int, float]] = {}  # call -> (actor slot, request, deadline)
@@ -86,17 +97,29 @@ class RewardPool:
             for call in done:
                 slot, index, _ = running.pop(call)
                 try:
-                    results[index] = ray.get(call)
+                    results[index] = dataclasses.replace(ray.get(call), retries=retries[index])
                 except RayActorError as err:
-                    results[index] = self._lose(slot, requests[index], "actor_died", str(err))
+                    if retries[index] < self._config.max_retries:
+                        retries[index] += 1
+                        logger.warning(
+                            "reward actor died grading group %r (%s); grading it again (retry %d of %d)",
+                            requests[index].uid,
+                            first_line(err),
+                            retries[index],
+                            self._config.max_retries,
+                        )
+                        self._replace(slot)
+                        waiting.appendleft(index)
+                    else:
+                        results[index] = self._lose(slot, requests[index], "actor_died", str(err), retries[index])
                 except RayError as err:  # a bug outside the reward function; keep going, loudly
-                    results[index] = self._lose(slot, requests[index], "exception", str(err))
+                    results[index] = self._lose(slot, requests[index], "exception", str(err), retries[index])
                 idle.append(slot)
             for call, (slot, index, deadline) in list(running.items()):
                 if now >= deadline:
                     del running[call]
                     detail = f"actor call took longer than {self._config.call_timeout_s:g} s"
-                    results[index] = self._lose(slot, requests[index], "call_timeout", detail)
+                    results[index] = self._lose(slot, requests[index], "call_timeout", detail, retries[index])
                     idle.append(slot)
         return cast(list[GroupResult], results)  # the loop above fills every slot
 
@@ -112,14 +135,17 @@ class RewardPool:
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
-    def _lose(self, slot: int, request: GroupRequest, kind: FailureKind, detail: str) -> GroupResult:
+    def _lose(self, slot: int, request: GroupRequest, kind: FailureKind, detail: str, retries: int) -> GroupResult:
         """Zero a group whose call failed, and put a fresh actor in ``slot``."""
         first = request.responses[0] if request.responses else ""
         log_failure(kind, detail, request.uid, f"(all {len(request.responses)})", first, request.answer)
+        self._replace(slot)
+        return GroupResult.all_failed(request, kind, retries)
+
+    def _replace(self, slot: int) -> None:
         ray.kill(self._actors[slot])
         self._actors[slot] = self._spawn()
         self._await_ready([self._actors[slot]])
-        return GroupResult.all_failed(request, kind)
 
     def _spawn(self) -> ray.actor.ActorHandle:
         return RewardWorker.options(num_cpus=self._config.cpus_per_worker).remote(self._config)

@@ -9,6 +9,14 @@ caller decides how stale a batch may be.
 
 An engine error comes back as ``RolloutError`` naming the actor; ``collect`` turns a
 dead, failing or silent actor into one ``RolloutError`` naming each of them.
+
+With ``rollout.max_restarts`` > 0, Ray restarts an actor whose process died (same
+name, config and seed; the handle stays valid). The restarted actor holds the model
+folder's weights and no weight-sync group, so it refuses to generate
+(``ActorRestartedError``) until a weight update loads; ``gather`` reports it, and an
+actor lost mid-call, apart from the other failures, so the caller can re-form the
+group, resend the weights (``await_restart``, then ``RayWeightSync.connect``) and
+re-issue only the lost calls.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from typing import Any
 
 import ray
 from ray.actor import ActorHandle
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 from mapo_ray.config import RolloutConfig
 from mapo_ray.rollout.engine import make_engine
@@ -33,6 +41,10 @@ class RolloutError(RuntimeError):
     """A rollout actor failed; the message names the actor and what it was doing."""
 
 
+class ActorRestartedError(RolloutError):
+    """A restarted rollout actor was asked to generate before a weight update reached it."""
+
+
 @ray.remote
 class RolloutActor:
     """One engine (``cfg.engine``) on one model copy, named ``name`` in every error and metric."""
@@ -40,6 +52,8 @@ class RolloutActor:
     def __init__(self, name: str, cfg: RolloutConfig, model_path: str | os.PathLike, seed: int = 0) -> None:
         self.name = name
         self._engine = make_engine(cfg, model_path, seed)
+        # A restart reloads the model folder: whatever version the run is at, these are not its weights.
+        self._restarted = ray.get_runtime_context().was_current_actor_reconstructed
         self._batches = None  # the attached shard's PromptBatches and its iterator
         self._shard_iter = None
         self._tokens = 0
@@ -48,6 +62,10 @@ class RolloutActor:
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[Group]:
         """``params.n`` samples for each prompt, one group per prompt in order."""
+        if self._restarted:
+            raise ActorRestartedError(
+                f"rollout actor {self.name!r} was restarted and has not received the current weights yet"
+            )
         start = time.perf_counter()
         try:
             groups = self._engine.generate(prompts, params)
@@ -88,10 +106,13 @@ class RolloutActor:
         self._engine.join_weight_sync(address, first_rank)
 
     def receive_weights(self, plan: SyncPlan) -> int:
-        return self._engine.receive_weights(plan)
+        version = self._engine.receive_weights(plan)
+        self._restarted = False
+        return version
 
     def weight_version(self) -> int | None:
-        return self._engine.weight_version
+        """The version of the loaded weights; None after a restart until an update loads."""
+        return None if self._restarted else self._engine.weight_version
 
     def metrics(self) -> dict[str, float]:
         """Generated tokens and seconds spent generating since start, their ratio, the last
@@ -110,13 +131,50 @@ class RolloutActor:
 def create_rollout_actors(
     cfg: RolloutConfig, model_path: str | os.PathLike, seed: int = 0, prefix: str = "rollout"
 ) -> dict[str, ActorHandle]:
-    """``cfg.num_actors`` actors named ``{prefix}-{i}``, each with its resources and engine seed ``seed + i``."""
+    """``cfg.num_actors`` actors named ``{prefix}-{i}``, each with its resources and engine seed ``seed + i``;
+    restartable by Ray when ``cfg.max_restarts`` > 0."""
+    # Ray restarts a dead actor as often as it dies; how many restarts one batch may
+    # wait for is the loop's bound (cfg.max_restarts), since a long run may lose many.
+    restarts = -1 if cfg.max_restarts else 0
     actors = {}
     for i in range(cfg.num_actors):
         name = f"{prefix}-{i}"
-        options = RolloutActor.options(num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.gpus_per_actor)
+        options = RolloutActor.options(
+            num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.gpus_per_actor, max_restarts=restarts
+        )
         actors[name] = options.remote(name, cfg, str(model_path), seed + i)
     return actors
+
+
+def gather(refs: Mapping[ray.ObjectRef, str], what: str, timeout_s: float) -> tuple[dict[str, Any], dict[str, str]]:
+    """The result of each actor call (``ref -> actor name``) by actor name, and the actors lost meanwhile.
+
+    Waits at most ``timeout_s`` for all of them. An actor is lost when its process
+    died (``RayActorError``) or it was restarted and has no weights yet
+    (``ActorRestartedError``); lost ones map to the first line of the cause. Raises
+    ``RolloutError`` naming every actor that raised anything else or did not answer
+    in time.
+    """
+    ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+    results: dict[str, Any] = {}
+    lost: dict[str, str] = {}
+    problems = []
+    for ref in ready:
+        name = refs[ref]
+        try:
+            results[name] = ray.get(ref)
+        except RayActorError as err:
+            lost[name] = f"died: {first_line(err)}"
+        except Exception as err:  # the actor's own error, wrapped in a RayTaskError
+            cause = getattr(err, "cause", None) or err
+            if isinstance(cause, ActorRestartedError):
+                lost[name] = "was restarted"
+            else:
+                problems.append(f"{name!r} raised {first_line(cause)}")
+    problems += [f"{refs[ref]!r} did not answer within {timeout_s:g}s" for ref in pending]
+    if problems:
+        raise RolloutError(f"{what} failed: " + "; ".join(problems + [f"{n!r} {why}" for n, why in lost.items()]))
+    return results, lost
 
 
 def collect(refs: Mapping[ray.ObjectRef, str], what: str, timeout_s: float) -> dict[str, Any]:
@@ -125,18 +183,28 @@ def collect(refs: Mapping[ray.ObjectRef, str], what: str, timeout_s: float) -> d
     Waits at most ``timeout_s`` for all of them. Raises ``RolloutError`` naming every
     actor that died, raised or did not answer in time, with the first line of each cause.
     """
-    ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
-    results: dict[str, Any] = {}
-    problems = []
-    for ref in ready:
-        name = refs[ref]
-        try:
-            results[name] = ray.get(ref)
-        except RayActorError as err:
-            problems.append(f"{name!r} died: {first_line(err)}")
-        except Exception as err:  # the actor's own error, wrapped in a RayTaskError
-            problems.append(f"{name!r} raised {first_line(getattr(err, 'cause', None) or err)}")
-    problems += [f"{refs[ref]!r} did not answer within {timeout_s:g}s" for ref in pending]
-    if problems:
-        raise RolloutError(f"{what} failed: " + "; ".join(problems))
+    results, lost = gather(refs, what, timeout_s)
+    if lost:
+        raise RolloutError(f"{what} failed: " + "; ".join(f"{name!r} {why}" for name, why in lost.items()))
     return results
+
+
+def await_restart(actor: ActorHandle, name: str, timeout_s: float) -> None:
+    """Block until Ray has restarted ``actor`` (at most ``timeout_s``).
+
+    Raises ``RolloutError`` when it is dead for good (killed without restart, out of
+    restarts, or its constructor failed) or not back in time.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ray.get(actor.weight_version.remote(), timeout=max(deadline - time.monotonic(), 0.0))
+            return
+        except ActorUnavailableError:  # restarting: Ray refuses calls until the new process is up
+            if time.monotonic() >= deadline:
+                raise RolloutError(f"rollout actor {name!r} was not restarted within {timeout_s:g}s") from None
+            time.sleep(0.2)
+        except GetTimeoutError:
+            raise RolloutError(f"rollout actor {name!r} was not restarted within {timeout_s:g}s") from None
+        except RayActorError as err:
+            raise RolloutError(f"rollout actor {name!r} died and will not be restarted: {first_line(err)}") from err

@@ -97,15 +97,19 @@ class RayWeightSync:
             cause = err
         self._finish(refs, "joining the weight-sync group", cause)
 
-    def sync(self, specs: Iterable[TensorSpec], named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+    def sync(
+        self, specs: Iterable[TensorSpec], named_tensors: Iterable[tuple[str, torch.Tensor]], *, again: bool = False
+    ) -> int:
         """Send one update (``named_tensors`` in ``specs`` order) to every actor; returns its version.
 
-        After a ``WeightSyncError`` the group is gone: ``connect`` again (with the
-        surviving actors) before the next update.
+        ``again``: these are the weights of ``version`` already, sent once more under
+        that number (to an actor restarted since, after ``connect``). After a
+        ``WeightSyncError`` the group is gone: ``connect`` again (with the surviving
+        actors) before the next update.
         """
         if self._sender is None:
             raise WeightSyncError("weight sync is not connected; call connect() first")
-        plan = self._sender.plan(specs)
+        plan = self._sender.plan(specs, version=self.version if again else None)
         refs = {actor.receive_weights.remote(plan): name for name, actor in self.actors.items()}
         cause = None
         try:
@@ -120,13 +124,14 @@ class RayWeightSync:
         self.version = plan.version
         return plan.version
 
-    def sync_model(self, model: torch.nn.Module) -> int:
+    def sync_model(self, model: torch.nn.Module, *, again: bool = False) -> int:
         """``sync`` of ``model``'s parameters; under ZeRO-3 the other learner ranks must drain
         ``named_parameters_for_sync(model, config.bucket_bytes, config.trainable_only)`` meanwhile."""
         trainable_only = self.config.trainable_only
         return self.sync(
             parameter_specs(model, trainable_only),
             named_parameters_for_sync(model, self.config.bucket_bytes, trainable_only),
+            again=again,
         )
 
     def close(self) -> None:

@@ -48,9 +48,10 @@ class WeightSender:
         """Wait for all receivers to join; ``member_names`` (rank -> name) make errors readable."""
         self._group.connect(member_names or {})
 
-    def plan(self, specs: Iterable[TensorSpec]) -> SyncPlan:
-        """The next update's plan; each call takes a new, larger version number."""
-        plan = plan_buckets(specs, self.bucket_bytes, self.version + 1)
+    def plan(self, specs: Iterable[TensorSpec], version: int | None = None) -> SyncPlan:
+        """The next update's plan. Each call takes a new, larger version number, unless
+        ``version`` names one (weights sent again under the number they already have)."""
+        plan = plan_buckets(specs, self.bucket_bytes, self.version + 1 if version is None else version)
         self.version = plan.version
         return plan
 

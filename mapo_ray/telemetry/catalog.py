@@ -67,10 +67,12 @@ RAY_METRICS: tuple[RayMetricSpec, ...] = (
     RayMetricSpec("reward/accuracy", "Fraction of the step's rollouts with a correct answer"),
     RayMetricSpec("reward/format", "Fraction of the step's rollouts in the required format"),
     RayMetricSpec("reward/graded", "Rollouts graded without failure"),
+    RayMetricSpec("reward/retried", "Reward group calls made again on another actor after their actor died"),
     _family("reward/failed/", "kind", "Rollouts given reward 0 because grading failed, by failure kind"),
     RayMetricSpec("response/length_mean", "Mean response length in tokens"),
     RayMetricSpec("response/clipped_frac", "Fraction of responses cut off at the token limit"),
     RayMetricSpec("rollout/staleness", "Weight versions between the policy and the oldest sample it trains on"),
+    RayMetricSpec("rollout/restarts", "Rollout actors restarted (and their prompts re-issued) in the step"),
     RayMetricSpec("dynamic_sampling/extra_rounds", "Extra rollout rounds DAPO's dynamic sampling took"),
     RayMetricSpec("dynamic_sampling/kept_groups", "Groups kept by DAPO's dynamic sampling"),
     # Advantages and the MAPO certainty diagnostics (mapo_ray.algo.advantage_diagnostics).

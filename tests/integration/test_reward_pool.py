@@ -38,6 +38,13 @@ def by_content(response: str, answer: str) -> dict[str, float]:
     if kind == "kill_actor":
         os.kill(os.getppid(), signal.SIGKILL)  # this grading process's parent is the reward actor
         time.sleep(3600)
+    if kind == "kill_actor_once":  # arg: a marker file; the actor dies only while it is absent
+        marker = Path(arg)
+        if not marker.exists():
+            marker.touch()
+            os.kill(os.getppid(), signal.SIGKILL)
+            time.sleep(3600)
+        return {"overall": 1.0, "pid": float(os.getpid())}
     return {"overall": float(arg == answer), "pid": float(os.getpid())}
 
 
@@ -99,17 +106,38 @@ def test_failures_get_zero_are_counted_and_the_pool_survives(ray_cluster):
     assert len({s["pid"] for r in results for s in r.scores if "pid" in s}) >= 2
 
 
-def test_a_stuck_call_or_a_dead_actor_zeroes_the_group_and_replaces_the_actor(ray_cluster):
+def test_a_stuck_call_zeroes_at_once_a_group_that_always_kills_zeroes_after_its_retries(ray_cluster):
     slow = GroupRequest(uid="slow", answer="4", responses=["slow:4"] * 8)  # ~4 s of grading
     killer = GroupRequest(uid="killer", answer="4", responses=["kill_actor", "ok:4"])
     after = GroupRequest(uid="after", answer="4", responses=["ok:4"])
-    with RewardPool(_config(num_workers=1, call_timeout_s=2.0)) as pool:
+    with RewardPool(_config(num_workers=1, call_timeout_s=2.0, max_retries=1)) as pool:
         results = pool.score([slow, killer, after])
     assert results[0].failures == ["call_timeout"] * 8 and results[0].rewards == [0.0] * 8
+    assert results[0].retries == 0  # an overrun is not retried: it would overrun again
     assert results[1].failures == ["actor_died"] * 2 and results[1].rewards == [0.0, 0.0]
+    assert results[1].retries == 1  # it killed two actors: the first and its replacement
     assert results[2].rewards == [1.0] and results[2].failures == [None]
     metrics = failure_metrics(results)
     assert (metrics["reward/failed/call_timeout"], metrics["reward/failed/actor_died"]) == (8, 2)
+    assert metrics["reward/retried"] == 1
+
+
+def test_a_group_whose_actor_dies_is_graded_again_by_another_actor(ray_cluster, tmp_path):
+    """The reward actor's process is killed (SIGKILL, from its grading process) while it
+    grades one group; that group is graded again, in full, by another actor."""
+    marker = tmp_path / "killed-once"
+    victim = GroupRequest(uid="victim", answer="4", responses=["ok:4", f"kill_actor_once:{marker}", "ok:5"])
+    others = [GroupRequest(uid=f"o{i}", answer="4", responses=["ok:4", "ok:3"]) for i in range(4)]
+    with RewardPool(_config()) as pool:
+        results = pool.score([*others[:2], victim, *others[2:]])
+    assert marker.exists()  # an actor did die
+    assert [r.uid for r in results] == ["o0", "o1", "victim", "o2", "o3"]
+    assert results[2].rewards == [1.0, 1.0, 0.0] and results[2].failures == [None, None, None]
+    assert results[2].retries == 1
+    assert all(r.rewards == [1.0, 0.0] and r.retries == 0 for i, r in enumerate(results) if i != 2)
+    metrics = failure_metrics(results)
+    assert metrics["reward/retried"] == 1 and metrics["reward/failed/actor_died"] == 0
+    assert metrics["reward/graded"] == 3 + 8
 
 
 def test_a_wrong_function_path_fails_at_start_up(ray_cluster):

@@ -1,0 +1,339 @@
+"""Fault tolerance of the whole loop on a local Ray cluster, each failure caused for real.
+
+- a rollout actor killed mid-call (``ray.kill`` with restart), driven by the loop's
+  ``launch`` / ``finish``: its share is generated again, bit for bit, once Ray has
+  restarted it and it holds the current weights; past ``max_restarts``, a RolloutError;
+- a rollout actor killed mid-run (``ray.kill`` with restart): Ray restarts it, it
+  rejoins the weight sync with the current weights, its prompts are generated again,
+  and the ledger shows every prompt scored exactly once;
+- a reward function that hangs: each grading is cut at ``reward.grading_timeout_s``,
+  counted in ``metrics.jsonl``, and the step completes;
+- a learner worker killed (SIGKILL to its process): Ray Train restarts it from the
+  latest checkpoint and the run ends with every step, in the uninterrupted data order;
+- a learner whose checkpoint write fails partway (its file-size limit is lowered from
+  outside, so the kernel refuses writes past it, as on a full disk, and ``torch.save``
+  fails mid-file) and whose run then fails: the run folder still resumes (``--resume
+  auto``) from the previous checkpoint.
+
+A reward actor's death is tested in ``test_reward_pool.py``. The learner processes
+are found among this test process's own descendants (the local cluster's workers),
+never by name alone, so other Ray clusters on the machine are left alone.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import pytest
+import ray
+import ray.train
+import torch
+
+from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+from mapo_ray.config import RolloutConfig, SyncConfig, load_config
+from mapo_ray.data.prompts import render_prompt
+from mapo_ray.job import resolve_inputs
+from mapo_ray.loop import DataPosition, PromptStream, finish, launch, train
+from mapo_ray.models import tiny_vl_path
+from mapo_ray.reward.pool import RewardPool
+from mapo_ray.rollout import Prompt, SamplingParams
+from mapo_ray.rollout.actor import RolloutError, await_restart, create_rollout_actors
+from mapo_ray.sync.ray_sync import RayWeightSync
+from mapo_ray.telemetry.ledger import LEDGER_FILE, read_ledger
+from mapo_ray.telemetry.records import METRICS_FILE, read_metrics
+
+pytestmark = pytest.mark.integration
+
+PROMPTS = 4  # per step
+
+
+def config(steps: int, *overrides: str):
+    cfg = load_config(
+        preset="cpu-tiny",
+        overrides=[
+            f"trainer.total_steps={steps}",
+            f"trainer.prompts_per_step={PROMPTS}",
+            "trainer.checkpoint_every=1",
+            "trainer.keep_checkpoints=0",
+            "trainer.eval_every=0",
+            "rollout.group_size=2",
+            "rollout.max_new_tokens=8",
+            # Imported by name in the reward workers, which start in this working directory.
+            "reward.function=tests.integration.fault_rewards:spread_reward",
+            "sft.steps=0",
+            "data.synthetic_train=32",
+            "data.synthetic_test=8",
+            *overrides,
+        ],
+    )
+    return resolve_inputs(cfg)
+
+
+def run(cfg, model_path: Path, run_dir: Path, during: Callable[[dict], None] | None = None):
+    """``train`` with fresh driver-owned actors; ``during(actors)`` starts before it (e.g. a watcher)."""
+    actors = create_rollout_actors(cfg.rollout, model_path, seed=cfg.seed)
+    pool = RewardPool(cfg.reward)
+    try:
+        if during is not None:
+            during(actors)
+        result = train(cfg, run_dir=run_dir, model_path=model_path, rollout_actors=actors, reward_pool=pool)
+        versions = ray.get([a.weight_version.remote() for a in actors.values()], timeout=120)
+    finally:
+        pool.shutdown()
+        for actor in actors.values():
+            ray.kill(actor)
+    return result, versions
+
+
+class When(threading.Thread):
+    """Runs ``action`` once, as soon as ``condition`` holds (polled every 50 ms)."""
+
+    def __init__(self, condition: Callable[[], bool], action: Callable[[], object]) -> None:
+        super().__init__(daemon=True)
+        self._condition, self._action = condition, action
+        self._done = threading.Event()
+        self.result: object = None
+        self.fired = False
+
+    def run(self) -> None:
+        while not self._done.is_set():
+            if self._condition():
+                self.result, self.fired = self._action(), True
+                return
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join(timeout=10)
+
+
+def logged_steps(run_dir: Path, name: str = METRICS_FILE) -> list[int]:
+    """The steps of every line of ``name`` so far, in file order (one read, tolerant of a torn tail)."""
+    path = run_dir / name
+    if not path.exists():
+        return []
+    steps = []
+    for line in path.read_text().splitlines():
+        try:
+            steps.append(json.loads(line)["step"])
+        except (json.JSONDecodeError, KeyError):
+            pass
+    return steps
+
+
+def learner_processes(since: float) -> list[psutil.Process]:
+    """This cluster's Ray Train worker processes started after ``since``."""
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if proc.cmdline()[:1] and proc.cmdline()[0].startswith("ray::RayTrainWorker") and proc.create_time() >= since:
+                found.append(proc)
+        except psutil.Error:  # gone meanwhile
+            pass
+    return found
+
+
+def uninterrupted_order(cfg, model_path: Path, steps: int) -> list[list[tuple[str, int]]]:
+    """The (uid, epoch) pairs each step of an uninterrupted run trains on: the loop's own prompt stream."""
+    context = ray.data.DataContext.get_current()
+    before = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True  # as the loop's rank 0 sets it
+    try:
+        stream = PromptStream(cfg, str(model_path), DataPosition())
+        order = []
+        for _ in range(steps):
+            prompts, epochs = stream.take_with_epochs(cfg.trainer.prompts_per_step)
+            order.append([(p.uid, e) for p, e in zip(prompts, epochs)])
+        return order
+    finally:
+        context.execution_options.preserve_order = before
+
+
+def assert_each_prompt_once_per_epoch(ledger: dict[int, list[tuple[str, int]]]) -> None:
+    counts = Counter(pair for step in ledger.values() for pair in step)
+    assert counts and max(counts.values()) == 1, [pair for pair, n in counts.items() if n > 1]
+
+
+def test_a_restarted_actor_generates_its_share_again_exactly_and_the_bound_holds(ray_cluster):
+    cfg = RolloutConfig(num_actors=2, num_cpus_per_actor=0.5, group_size=2, max_new_tokens=8, top_p=1.0)
+    actors = create_rollout_actors(cfg, tiny_vl_path())
+    sync = RayWeightSync(SyncConfig(backend="gloo", timeout_s=120))
+    # Weights unlike the model folder's, which a restarted actor would otherwise sample from.
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_vl_path())
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(1.25)
+
+    def revive(names: list[str]) -> None:  # what the loop's rank 0 does, without the other learner ranks
+        for name in names:
+            await_restart(actors[name], name, 120)
+        sync.connect(actors)
+        sync.sync_model(model, again=True)
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_vl_path())
+    prompts = [Prompt(f"p{i}", render_prompt(tokenizer, f"What is {i} + {i}?"), (), str(2 * i)) for i in range(4)]
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=8, seed=7)
+    try:
+        sync.connect(actors)
+        assert sync.sync_model(model) == 1
+        reference = finish(launch(actors, prompts, params, DataPosition()), 120)
+
+        pending = launch(actors, prompts, params, DataPosition())
+        ray.kill(actors["rollout-1"], no_restart=False)  # mid-call: its share is lost
+        groups = finish(pending, 120, revive, max_restarts=1)
+        assert pending.restarts == 1
+        assert ray.get([a.weight_version.remote() for a in actors.values()], timeout=120) == [1, 1]
+        # Same weights, same share, same seed: the restarted actor's groups are the lost ones.
+        assert [g.uid for g in groups] == ["p0", "p1", "p2", "p3"]
+        assert [[s.response_ids for s in g.samples] for g in groups] == [
+            [s.response_ids for s in g.samples] for g in reference
+        ]
+
+        pending = launch(actors, prompts, params, DataPosition())
+        ray.kill(actors["rollout-0"], no_restart=False)
+        with pytest.raises(RolloutError, match=r"'rollout-0' .*rollout\.max_restarts is 0"):
+            finish(pending, 120, revive, max_restarts=0)
+    finally:
+        sync.close()
+        for actor in actors.values():
+            ray.kill(actor)
+
+
+def test_a_killed_rollout_actor_is_restarted_resynced_and_its_prompts_reissued(ray_cluster, tmp_path):
+    # Two learners under ZeRO-3: the resend after the restart gathers parameters from both.
+    cfg, model_path = config(
+        2, "rollout.num_actors=2", "trainer.num_learners=2", "learner.zero_stage=3", "trainer.checkpoint_every=2"
+    )
+    run_dir = tmp_path / "run"
+    watchers: list[When] = []
+
+    def kill_after_step_one(actors):
+        # After step 1's line its weights are synced: the kill lands in step 2's rollout.
+        victim = actors["rollout-1"]
+        watchers.append(When(lambda: 1 in logged_steps(run_dir), lambda: ray.kill(victim, no_restart=False)))
+        watchers[0].start()
+
+    result, versions = run(cfg, model_path, run_dir, during=kill_after_step_one)
+    watchers[0].stop()
+    assert watchers[0].fired
+    assert result.error is None
+    assert versions == [2, 2]  # the restarted actor holds the last step's weights too
+
+    history = read_metrics(run_dir / METRICS_FILE)
+    assert sorted(history.train) == [1, 2]
+    assert [history.train[s]["rollout/restarts"] for s in (1, 2)] == [0, 1]
+    assert [history.train[s]["weight_version"] for s in (1, 2)] == [1, 2]
+    assert history.train[2]["certainty/num_groups"] == PROMPTS
+
+    ledger = read_ledger(run_dir / LEDGER_FILE)
+    assert sorted(ledger) == [1, 2] and all(len(pairs) == PROMPTS for pairs in ledger.values())
+    assert_each_prompt_once_per_epoch(ledger)
+    assert logged_steps(run_dir, LEDGER_FILE) == [1, 2]  # no step was scored twice either
+
+
+def test_a_hanging_reward_function_costs_the_grading_time_limit_and_is_counted(ray_cluster, tmp_path):
+    cfg, model_path = config(
+        1,
+        "reward.function=tests.integration.fault_rewards:hang",
+        "reward.grading_timeout_s=1.0",
+        "reward.call_timeout_s=60",
+        "trainer.prompts_per_step=2",  # each overrun also restarts the grading process
+    )
+    run_dir = tmp_path / "run"
+    result, versions = run(cfg, model_path, run_dir)
+    assert result.error is None and versions == [1]
+    step = read_metrics(run_dir / METRICS_FILE).train[1]
+    prompts = cfg.trainer.prompts_per_step
+    rollouts = prompts * cfg.rollout.group_size
+    # Every grading was cut at the grading limit; no group needed the call time-out.
+    assert step["reward/failed/timeout"] == rollouts
+    assert step["reward/failed/call_timeout"] == 0 and step["reward/graded"] == 0
+    assert step["reward/mean"] == 0.0
+    assert len(read_ledger(run_dir / LEDGER_FILE)[1]) == prompts
+
+
+def test_a_killed_learner_restarts_from_its_checkpoint_and_keeps_the_data_order(ray_cluster, tmp_path):
+    cfg, model_path = config(3, "trainer.max_failures=1")
+    run_dir = tmp_path / "run"
+    watchers: list[When] = []
+    started = time.time()
+
+    def kill_learner():
+        (proc,) = learner_processes(started)
+        proc.send_signal(signal.SIGKILL)
+        return proc.pid
+
+    def kill_during_step_two(actors):
+        # Step 2's line follows checkpoint 1; the kill lands before the run is over.
+        watchers.append(When(lambda: 2 in logged_steps(run_dir), kill_learner))
+        watchers[0].start()
+
+    result, versions = run(cfg, model_path, run_dir, during=kill_during_step_two)
+    watchers[0].stop()
+    assert watchers[0].fired and isinstance(watchers[0].result, int)
+    assert result.error is None
+    assert versions == [3]  # the restarted rank 0 re-formed the weight sync and kept sending
+
+    history = read_metrics(run_dir / METRICS_FILE)
+    assert sorted(history.train) == [1, 2, 3]
+    assert [history.train[s]["weight_version"] for s in (1, 2, 3)] == [1, 2, 3]
+    # The restart resumed from a checkpoint, not from scratch: step 1 was never done again.
+    ledger_lines = logged_steps(run_dir, LEDGER_FILE)
+    assert ledger_lines[:2] == [1, 2] and 1 not in ledger_lines[1:]
+    ledger = read_ledger(run_dir / LEDGER_FILE)
+    assert [ledger[s] for s in (1, 2, 3)] == uninterrupted_order(cfg, model_path, 3)
+    assert_each_prompt_once_per_epoch(ledger)
+
+
+def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_to_resume_from(ray_cluster, tmp_path):
+    # keep_checkpoints=1: the previous checkpoint is deleted only once a newer one is complete.
+    cfg, model_path = config(3, "trainer.keep_checkpoints=1", "trainer.max_failures=0")
+    run_dir = tmp_path / "run"
+    watchers: list[When] = []
+    started = time.time()
+    # Bytes: above every log and metrics file, below a checkpoint's weight file. Python
+    # ignores SIGXFSZ, so a write past it fails (EFBIG) instead of killing the process.
+    limit = 1_000_000
+
+    def cap_file_size():
+        (proc,) = learner_processes(started)
+        resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (limit, limit))
+        return proc.pid
+
+    def cap_once_checkpoint_one_is_in(actors):
+        # Step 2's ledger line comes after report(1) returned and before checkpoint 2 is written.
+        watchers.append(When(lambda: 2 in logged_steps(run_dir, LEDGER_FILE), cap_file_size))
+        watchers[0].start()
+
+    # The failure is DeepSpeed's torch.save of the next checkpoint, part-way through its file.
+    with pytest.raises(ray.train.TrainingFailedError, match=r'serialization\.py", line \d+, in save'):
+        run(cfg, model_path, run_dir, during=cap_once_checkpoint_one_is_in)
+    watchers[0].stop()
+    assert watchers[0].fired
+    # What is left: the one complete checkpoint the interrupted write was to replace.
+    (survivor,) = [p for p in (run_dir / "checkpoints").glob("checkpoint_*") if p.is_dir()]
+    saved = torch.load(survivor / "learner" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    kept_step = saved["client_state"]["step"]
+    # Checkpoint 2 normally; 3 only if checkpoint 2 was written before the limit was set.
+    assert kept_step in (1, 2)
+    before = logged_steps(run_dir, LEDGER_FILE)
+    assert before[-1] == kept_step + 1  # it died in the step after the checkpoint it kept
+
+    # --resume auto: the same run folder again; Ray Train restores its newest registered checkpoint.
+    result, versions = run(cfg, model_path, run_dir)
+    assert result.error is None and versions == [3]
+    assert logged_steps(run_dir, LEDGER_FILE)[len(before)] == kept_step + 1
+    history = read_metrics(run_dir / METRICS_FILE)
+    assert sorted(history.train) == [1, 2, 3]
+    ledger = read_ledger(run_dir / LEDGER_FILE)
+    assert [ledger[s] for s in (1, 2, 3)] == uninterrupted_order(cfg, model_path, 3)
+    assert_each_prompt_once_per_epoch(ledger)
