@@ -135,7 +135,8 @@ def learner_processes(since: float) -> list[psutil.Process]:
     found = []
     for proc in psutil.Process().children(recursive=True):
         try:
-            if proc.cmdline()[:1] and proc.cmdline()[0].startswith("ray::RayTrainWorker") and proc.create_time() >= since:
+            title = proc.cmdline()[:1]
+            if title and title[0].startswith("ray::RayTrainWorker") and proc.create_time() >= since:
                 found.append(proc)
         except psutil.Error:  # gone meanwhile
             pass
