@@ -77,11 +77,14 @@ def resolve_inputs(config: Config) -> tuple[Config, Path]:
     """Write the synthetic task if the config asks for it, and find the model folder."""
     data = config.data
     if SYNTHETIC in (data.train, data.test):
-        folder = cache_dir().parent / "data" / f"synthetic-s{config.seed}-{data.synthetic_train}x{data.synthetic_test}"
+        name = f"synthetic-s{config.seed}-{data.synthetic_train}x{data.synthetic_test}"
+        if data.synthetic_kinds is not None:
+            name += "-" + "-".join(data.synthetic_kinds)
+        folder = cache_dir().parent / "data" / name
         train, test = folder / "train.parquet", folder / "test.parquet"
         if not (train.exists() and test.exists()):
             print(f"writing the synthetic task to {folder}", flush=True)
-            write_task(folder, data.synthetic_train, data.synthetic_test, config.seed)
+            write_task(folder, data.synthetic_train, data.synthetic_test, config.seed, data.synthetic_kinds)
         data = dataclasses.replace(
             data,
             train=str(train) if data.train == SYNTHETIC else data.train,

@@ -1,10 +1,13 @@
 """A figure-question task the project writes itself, in the Geo3K layout.
 
 Every example is a small PIL drawing and a question whose answer follows from it.
-Six kinds, from nearly guessable to arithmetic, so that a tiny model can learn the
+Eight kinds, from perception alone to arithmetic, so that a tiny model can learn the
 easy end first:
 
-- ``colour``: the colour of the one circle (six possible answers);
+- ``fill``: the colour of the one large shape (six possible answers): pure perception,
+  which the tiny CPU policy learns in minutes (the ``cpu-tiny`` task);
+- ``sides``: how many sides the one large regular polygon has (3, 4 or 5);
+- ``colour``: the colour of the one circle among other shapes (six possible answers);
 - ``count``: how many triangles / circles / squares (1 to 5);
 - ``angle``: the third angle of a triangle with two labelled angles;
 - ``perimeter``: of a rectangle with labelled sides;
@@ -12,11 +15,12 @@ easy end first:
 - ``hypotenuse``: of a right triangle with labelled legs (a surd such as ``2\\sqrt{3}``).
 
 Answers are written the way Geo3K writes them: ``12``, ``\\frac{3}{2}``, ``2\\sqrt{3}``.
-Output is deterministic in ``seed``: example ``i`` of a split depends only on
-``(seed, split, i)``. Columns: ``images`` (a list with one ``{bytes, path}`` PNG
+A task may hold any subset of the kinds (``kinds``), which then cycle in the order
+given. Output is deterministic in ``seed``: example ``i`` of a split depends only on
+``(seed, split, i)`` and the kinds. Columns: ``images`` (a list with one ``{bytes, path}`` PNG
 struct), ``problem``, ``answer`` and a pass-through ``kind``.
 
-CLI: ``python -m mapo_ray.data.synthetic --out DIR --train N --test M --seed S``.
+CLI: ``python -m mapo_ray.data.synthetic --out DIR --train N --test M --seed S [--kinds fill,sides]``.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import math
 import os
 import random
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,19 +92,28 @@ def latex_sqrt(n: int) -> str:
     return f"\\sqrt{{{inside}}}" if outside == 1 else f"{outside}\\sqrt{{{inside}}}"
 
 
-def make_example(seed: int, split: str, index: int) -> Example:
-    """Example ``index`` of ``split``: its kind cycles so every kind is equally common."""
+def check_kinds(kinds: Sequence[str]) -> None:
+    """Raise ``ValueError`` naming any of ``kinds`` that is not a kind of this task (or none given)."""
+    unknown = [kind for kind in kinds if kind not in _MAKERS]
+    if unknown or not kinds:
+        raise ValueError(f"synthetic task: unknown kind(s) {unknown or '(none given)'}; the kinds are {list(KINDS)}")
+
+
+def make_example(seed: int, split: str, index: int, kinds: Sequence[str] | None = None) -> Example:
+    """Example ``index`` of ``split``: its kind cycles through ``kinds`` (None: all) so each is equally common."""
+    kinds = KINDS if kinds is None else kinds
+    check_kinds(kinds)
     rng = random.Random(f"{seed}:{split}:{index}")
-    kind = KINDS[index % len(KINDS)]
+    kind = kinds[index % len(kinds)]
     problem, answer, image = _MAKERS[kind](rng)
     return Example(kind, problem, answer, image)
 
 
-def examples_table(seed: int, split: str, count: int) -> pa.Table:
-    """``count`` examples of ``split`` as a Geo3K-layout table."""
+def examples_table(seed: int, split: str, count: int, kinds: Sequence[str] | None = None) -> pa.Table:
+    """``count`` examples of ``split`` (of ``kinds``; None: all) as a Geo3K-layout table."""
     rows: dict[str, list] = {name: [] for name in SCHEMA.names}
     for index in range(count):
-        example = make_example(seed, split, index)
+        example = make_example(seed, split, index, kinds)
         buffer = io.BytesIO()
         example.image.save(buffer, format="PNG")
         rows["images"].append([{"bytes": buffer.getvalue(), "path": f"{split}-{index:06d}.png"}])
@@ -110,7 +123,9 @@ def examples_table(seed: int, split: str, count: int) -> pa.Table:
     return pa.table(rows, schema=SCHEMA)
 
 
-def write_task(out_dir: str | os.PathLike, train: int, test: int, seed: int) -> tuple[Path, Path]:
+def write_task(
+    out_dir: str | os.PathLike, train: int, test: int, seed: int, kinds: Sequence[str] | None = None
+) -> tuple[Path, Path]:
     """Write ``train.parquet`` and ``test.parquet`` under ``out_dir``; returns their paths.
 
     Each file appears whole (written beside it, then renamed), so a reader that races
@@ -124,7 +139,7 @@ def write_task(out_dir: str | os.PathLike, train: int, test: int, seed: int) -> 
         handle, tmp = tempfile.mkstemp(prefix=f".{split}.", suffix=".parquet", dir=out)
         os.close(handle)
         try:
-            pq.write_table(examples_table(seed, split, count), tmp, row_group_size=ROW_GROUP_ROWS)
+            pq.write_table(examples_table(seed, split, count, kinds), tmp, row_group_size=ROW_GROUP_ROWS)
             os.chmod(tmp, 0o644)  # mkstemp makes it private; data is meant to be shared
             os.replace(tmp, path)
         except BaseException:
@@ -134,7 +149,29 @@ def write_task(out_dir: str | os.PathLike, train: int, test: int, seed: int) -> 
     return paths[0], paths[1]
 
 
-# ---- the six kinds: each returns (problem, answer, image) ----------------------------------
+# ---- the kinds: each returns (problem, answer, image) --------------------------------------
+
+
+def _fill(rng: random.Random) -> tuple[str, str, Image.Image]:
+    name = rng.choice(sorted(COLOURS))
+    image, draw = _canvas()
+    # Large (most of the merged vision tokens see it), at a random size and place.
+    size = rng.randint(CANVAS * 2 // 3, CANVAS - 16)
+    left, top = rng.randint(8, CANVAS - 8 - size), rng.randint(8, CANVAS - 8 - size)
+    _shape(draw, rng.choice(SHAPES), (left, top, left + size, top + size), COLOURS[name])
+    return "<image>What colour is the shape?", name, image
+
+
+def _sides(rng: random.Random) -> tuple[str, str, Image.Image]:
+    sides = rng.randint(3, 5)
+    image, draw = _canvas()
+    radius = rng.uniform(0.32, 0.44) * CANVAS
+    centre = (rng.uniform(radius + 4, CANVAS - radius - 4), rng.uniform(radius + 4, CANVAS - radius - 4))
+    turn = rng.uniform(0, 2 * math.pi)
+    angles = [turn + 2 * math.pi * k / sides for k in range(sides)]
+    corners = [(centre[0] + radius * math.cos(a), centre[1] + radius * math.sin(a)) for a in angles]
+    draw.polygon(corners, fill=COLOURS[rng.choice(sorted(COLOURS))], outline=INK, width=2)
+    return "<image>How many sides does the polygon have?", str(sides), image
 
 
 def _colour(rng: random.Random) -> tuple[str, str, Image.Image]:
@@ -209,6 +246,8 @@ def _hypotenuse(rng: random.Random) -> tuple[str, str, Image.Image]:
 
 
 _MAKERS: dict[str, Callable[[random.Random], tuple[str, str, Image.Image]]] = {
+    "fill": _fill,
+    "sides": _sides,
     "colour": _colour,
     "count": _count,
     "angle": _angle,
@@ -297,10 +336,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train", type=int, default=1024, help="number of training examples")
     parser.add_argument("--test", type=int, default=256, help="number of test examples")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated kinds, of {','.join(KINDS)}")
     args = parser.parse_args(argv)
     if args.train < 1 or args.test < 1:
         parser.error("--train and --test must be at least 1")
-    for path in write_task(args.out, args.train, args.test, args.seed):
+    kinds = [kind.strip() for kind in args.kinds.split(",") if kind.strip()]
+    try:
+        check_kinds(kinds)
+    except ValueError as err:
+        parser.error(str(err))
+    for path in write_task(args.out, args.train, args.test, args.seed, kinds):
         print(path)
 
 

@@ -45,6 +45,7 @@ def test_presets_are_not_mutated_by_overrides():
         (["algo.estimator=mapoo"], r"algo\.estimator: unknown advantage estimator 'mapoo'; did you mean 'mapo'\?"),
         (["algo.kl_estimator=k4"], r"algo\.kl_estimator: unknown KL estimator 'k4'"),
         (["algo.estimator"], r"not of the form key=value"),
+        (["data.synthetic_kinds=[fill, circles]"], r"data\.synthetic_kinds: .*unknown kind\(s\) \['circles'\]"),
     ],
 )
 def test_errors_name_the_key_value_and_expected(overrides, message):

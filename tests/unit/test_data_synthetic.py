@@ -49,11 +49,13 @@ def test_answers_have_the_form_and_range_of_their_kind():
         example = make_example(seed=0, split="train", index=index)
         seen[example.kind].add(example.answer)
         assert example.problem.count("<image>") == 1 and example.image.size == (168, 168)
-        if example.kind == "colour":
+        if example.kind in ("colour", "fill"):
             assert example.answer in COLOURS
             continue
         value = parse_answer(example.answer)
-        if example.kind == "count":
+        if example.kind == "sides":
+            assert value in (3, 4, 5)
+        elif example.kind == "count":
             assert 1 <= value <= 5
         elif example.kind == "angle":
             assert 180 - 85 - 65 <= value <= 180 - 30 - 30 and value % 5 == 0
@@ -65,17 +67,37 @@ def test_answers_have_the_form_and_range_of_their_kind():
             assert np.sqrt(2) - 1e-9 <= value <= np.sqrt(162) + 1e-9
     assert set(seen) == set(KINDS)
     # Every kind is equally common and varied; the fraction and surd forms both occur.
-    assert all(len(answers) >= 4 for answers in seen.values())
+    assert all(len(answers) >= (3 if kind == "sides" else 4) for kind, answers in seen.items())
     assert any(a.startswith("\\frac") for a in seen["area"]) and any("\\sqrt" in a for a in seen["hypotenuse"])
 
 
 def test_the_colour_answer_is_painted_beside_other_colours():
-    for index in range(0, 120, len(KINDS)):
-        example = make_example(seed=1, split="train", index=index)
+    for index in range(0, 20):
+        example = make_example(seed=1, split="train", index=index, kinds=["colour"])
         assert example.kind == "colour"
         pixels = np.asarray(example.image).reshape(-1, 3)
         painted = {name for name, rgb in COLOURS.items() if (pixels == rgb).all(axis=1).sum() > 50}
         assert example.answer in painted and len(painted) >= 2
+
+
+def test_the_fill_answer_is_the_one_colour_and_covers_much_of_the_image():
+    for index in range(20):
+        example = make_example(seed=2, split="test", index=index, kinds=["fill"])
+        pixels = np.asarray(example.image).reshape(-1, 3)
+        painted = {name for name, rgb in COLOURS.items() if (pixels == rgb).all(axis=1).sum() > 50}
+        assert painted == {example.answer}
+        # A triangle in a box of two thirds of the canvas covers at least 2/9 of it.
+        assert (pixels == COLOURS[example.answer]).all(axis=1).mean() > 0.2
+
+
+def test_a_subset_of_kinds_cycles_in_the_order_given_and_unknown_kinds_are_named():
+    table = examples_table(seed=0, split="train", count=6, kinds=["sides", "fill"])
+    assert table.column("kind").to_pylist() == ["sides", "fill"] * 3
+    # An example depends on (seed, split, index) and its kind only, not on the other kinds.
+    mixed, alone = make_example(0, "train", 1, kinds=["sides", "fill"]), make_example(0, "train", 1, kinds=["fill"])
+    assert mixed.answer == alone.answer
+    with pytest.raises(ValueError, match=r"unknown kind\(s\) \['circles'\]; the kinds are \['fill'"):
+        examples_table(seed=0, split="train", count=2, kinds=["fill", "circles"])
 
 
 def test_output_is_deterministic_in_the_seed():
@@ -92,12 +114,13 @@ def test_cli_writes_geo3k_layout_that_the_reader_loads_without_skips(tmp_path):
 
     subprocess.run(
         [sys.executable, "-m", "mapo_ray.data.synthetic", "--out", str(tmp_path), "--train", "70", "--test", "12"]
-        + ["--seed", "3"],
+        + ["--seed", "3", "--kinds", "fill,count,area"],
         check=True,
         capture_output=True,
         timeout=120,
     )
-    assert pq.read_table(tmp_path / "test.parquet").equals(examples_table(seed=3, split="test", count=12))
+    kinds = ["fill", "count", "area"]
+    assert pq.read_table(tmp_path / "test.parquet").equals(examples_table(seed=3, split="test", count=12, kinds=kinds))
 
     source = open_source(str(tmp_path / "train.parquet"))
     assert source.num_rows == 70 and source.passthrough == ("kind",)
@@ -112,4 +135,4 @@ def test_cli_writes_geo3k_layout_that_the_reader_loads_without_skips(tmp_path):
             original = Image.open(io.BytesIO(row["images"][0]["bytes"]))
             assert np.array_equal(image, np.asarray(original))
             answers[row["uid"]] = answer
-    assert len(answers) == 70 and answers["train.parquet#4"] == make_example(3, "train", 4).answer
+    assert len(answers) == 70 and answers["train.parquet#4"] == make_example(3, "train", 4, kinds).answer
