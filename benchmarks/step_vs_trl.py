@@ -25,18 +25,23 @@ Seconds per optimizer step are wall-clock seconds between the end of step ``warm
 and the end of the last step, over the steps in between: TRL's from a
 ``TrainerCallback``'s ``on_step_end``, mapo-ray's from the ``time`` of each line of
 ``metrics.jsonl``. Start-up (Ray, Ray Train, model loading, the first steps) is left
-out of both. What differs by design: mapo-ray runs its rollout actor and its learner
-as separate processes (Ray gives each of its ``cpu-tiny`` CPU shares one torch
-thread) and grades in a sandboxed reward actor; TRL runs generation, grading and
-training one after the other in one process, with ``--trl-threads`` torch threads
-(default 1: on a shared two-core machine two OpenMP threads made TRL's steps slower
-and erratic, so the baseline gets its faster setting; 0 keeps torch's default). TRL
-also runs the vision tower on each of the B x G copies of the prompts, where
-mapo-ray's rollout runs it once per prompt and its learner once per distinct image.
+out of both. CPU seconds per step are the user + system time of each run's whole
+process tree (for mapo-ray: the job, Ray's daemons, its workers and the grading child
+processes) over the same steps, read by the driver as each step end appears: on a
+machine that others share, they move less than wall time.
+
+What differs by design: mapo-ray runs its rollout actor and its learner as separate
+processes (Ray gives each of its ``cpu-tiny`` CPU shares one torch thread) and grades
+in a sandboxed reward actor; TRL runs generation, grading and training one after the
+other in one process, with ``--trl-threads`` torch threads (default 1: on a shared
+two-core machine two OpenMP threads made TRL's steps slower and erratic, so the
+baseline gets its faster setting; 0 keeps torch's default). TRL also runs the vision
+tower on each of the B x G copies of the prompts, where mapo-ray's rollout runs it
+once per prompt and its learner once per distinct image.
 
 Needs TRL, from the ``dev`` extra (``pip install -c constraints/cpu.txt -e ".[dev]"``).
 Prints a table and ends with one JSON line (``ours_s``: mapo-ray async, ``baseline_s``:
-TRL, both in seconds per optimizer step).
+TRL, both median wall seconds per optimizer step).
 """
 
 from __future__ import annotations
@@ -60,6 +65,8 @@ LABELS = {
 }
 # A run that takes longer than this is stuck, not slow.
 RUN_TIMEOUT_S = 1800
+# How often the driver looks for new step ends (and then reads the runs' CPU time).
+POLL_S = 0.2
 
 
 def overrides(args: argparse.Namespace, steps: int) -> list[str]:
@@ -92,19 +99,20 @@ def load(args: argparse.Namespace, steps: int):
     return resolve_inputs(load_config(preset="cpu-tiny", overrides=overrides(args, steps)))
 
 
-def seconds_per_step(ends: dict[int, float], warmup: int) -> float:
-    """Wall seconds per step from step-end times ``{step: time}``, after step ``warmup``."""
-    last = max(ends)
-    if warmup not in ends or last <= warmup:
-        raise RuntimeError(f"need step ends after step {warmup}; got steps {sorted(ends)}")
-    return (ends[last] - ends[warmup]) / (last - warmup)
+def per_step(marks: dict[int, tuple[float, float]], warmup: int) -> tuple[float, float]:
+    """Wall and CPU seconds per step from ``{step: (wall, cpu)}`` at step ends, after step ``warmup``."""
+    last = max(marks, default=0)
+    if warmup not in marks or last <= warmup:
+        raise RuntimeError(f"need step ends after step {warmup}; got steps {sorted(marks)}")
+    (wall_0, cpu_0), (wall_1, cpu_1) = marks[warmup], marks[last]
+    return (wall_1 - wall_0) / (last - warmup), (cpu_1 - cpu_0) / (last - warmup)
 
 
 # ------------------------------------------------------------------------- TRL side
 
 
 def run_trl(args: argparse.Namespace, out: Path) -> None:
-    """Train with TRL's GRPOTrainer in this process; write the step-end times to ``out``."""
+    """Train with TRL's GRPOTrainer in this process; append each step's end to ``out`` (JSON lines)."""
     import pyarrow.parquet as pq
     import torch
     from datasets import Dataset
@@ -126,11 +134,11 @@ def run_trl(args: argparse.Namespace, out: Path) -> None:
             super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
     class StepEnds(TrainerCallback):
-        def __init__(self) -> None:
-            self.ends: dict[int, float] = {}
+        """Appends ``{"step", "time"}`` to ``out`` at the end of each optimizer step."""
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.ends[state.global_step] = time.time()
+            with out.open("a") as handle:
+                handle.write(json.dumps({"step": state.global_step, "time": time.time()}) + "\n")
 
     steps = args.warmup + args.steps
     config, model_path = load(args, steps)
@@ -191,7 +199,6 @@ def run_trl(args: argparse.Namespace, out: Path) -> None:
         use_vllm=False,
         dataloader_num_workers=0,
     )
-    ends = StepEnds()
     model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=torch.float32)
     GRPOTrainer(
         model=model,
@@ -199,9 +206,8 @@ def run_trl(args: argparse.Namespace, out: Path) -> None:
         args=grpo,
         train_dataset=dataset,
         processing_class=processor,
-        callbacks=[ends],
+        callbacks=[StepEnds()],
     ).train()
-    out.write_text(json.dumps({"ends": ends.ends, "threads": torch.get_num_threads()}))
 
 
 # ------------------------------------------------------------------------- mapo-ray side
@@ -216,51 +222,89 @@ def mapo_command(args: argparse.Namespace, mode: str, run_dir: Path) -> list[str
     return command
 
 
-def step_ends_of_run(run_dir: Path) -> dict[int, float]:
-    """``{step: time}`` of a mapo-ray run's training lines in ``metrics.jsonl``."""
+def step_ends(path: Path) -> dict[int, float]:
+    """``{step: time}`` of the training lines of a JSON-lines file so far (mapo-ray's
+    ``metrics.jsonl``, or what ``run_trl`` writes); a line still being written is skipped."""
     ends = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if not any(key.startswith("eval/") for key in record):
-            ends[record["step"]] = record["time"]
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not any(key.startswith("eval/") for key in record):
+                ends[record["step"]] = record["time"]
     return ends
 
 
 # ------------------------------------------------------------------------- driver
 
 
-def run(command: list[str], log: Path, extra_env: dict[str, str] | None = None) -> None:
+def tree_cpu_seconds(root) -> float:
+    """User + system CPU seconds of ``root`` (a ``psutil.Process``) and all its descendants,
+    reaped children included: Ray's daemons and workers descend from the job's process."""
+    import psutil
+
+    total = 0.0
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            t = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+def run(command: list[str], log: Path, steps_file: Path, extra_env: dict[str, str] | None = None):
+    """Run ``command``; at each step end that appears in ``steps_file``, note ``(wall time of
+    the step end, CPU seconds of the process tree)``. Returns ``{step: (wall, cpu)}``."""
+    import psutil
+
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, PYTHONPATH=path, **(extra_env or {}))
+    marks: dict[int, tuple[float, float]] = {}
+    deadline = time.monotonic() + RUN_TIMEOUT_S
     with log.open("w") as handle:
-        done = subprocess.run(command, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT, timeout=RUN_TIMEOUT_S)
-    if done.returncode:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
+        root = psutil.Process(process.pid)
+        while process.poll() is None:
+            if time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError(f"{' '.join(command[:3])} ... did not finish in {RUN_TIMEOUT_S} s; see {log}")
+            new = {step: t for step, t in step_ends(steps_file).items() if step not in marks}
+            if new:
+                cpu = tree_cpu_seconds(root)
+                marks.update({step: (t, cpu) for step, t in new.items()})
+            time.sleep(POLL_S)
+    if process.returncode:
         tail = log.read_text()[-3000:]
-        raise RuntimeError(f"{' '.join(command[:3])} ... failed with exit code {done.returncode}; see {log}:\n{tail}")
+        what = " ".join(command[:3])
+        raise RuntimeError(f"{what} ... failed with exit code {process.returncode}; see {log}:\n{tail}")
+    return marks
 
 
-def one_round(args: argparse.Namespace, index: int, folder: Path) -> dict[str, float]:
-    seconds = {}
+def one_round(args: argparse.Namespace, index: int, folder: Path) -> dict[str, tuple[float, float]]:
+    """``{side: (wall s/step, CPU s/step)}`` of one run of each side, in ``SIDES`` order."""
+    result = {}
     for side in SIDES:
         here = folder / f"round{index}-{side}"
         here.mkdir(parents=True)
         started = time.perf_counter()
         if side == "trl":
-            out = here / "steps.json"
-            command = [sys.executable, __file__, "--side", "trl", "--side-out", str(out)] + side_args(args)
+            steps_file = here / "steps.jsonl"
+            command = [sys.executable, __file__, "--side", "trl", "--side-out", str(steps_file)] + side_args(args)
             threads = {"OMP_NUM_THREADS": str(args.trl_threads)} if args.trl_threads else {}
-            run(command, here / "log.txt", threads)
-            ends = {int(k): v for k, v in json.loads(out.read_text())["ends"].items()}
+            marks = run(command, here / "log.txt", steps_file, threads)
         else:
-            run(mapo_command(args, side, here / "run"), here / "log.txt")
-            ends = step_ends_of_run(here / "run")
-        seconds[side] = seconds_per_step(ends, args.warmup)
+            marks = run(mapo_command(args, side, here / "run"), here / "log.txt", here / "run" / "metrics.jsonl")
+        result[side] = per_step(marks, args.warmup)
+        wall, cpu = result[side]
         print(
-            f"round {index}: {LABELS[side]:<36} {seconds[side]:7.3f} s/step  "
-            f"(run {time.perf_counter() - started:.0f} s)",
+            f"round {index}: {LABELS[side]:<36} {wall:7.3f} s/step, {cpu:7.3f} CPU s/step  "
+            f"(run {time.perf_counter() - started:.0f} s, load average {os.getloadavg()[0]:.1f})",
             flush=True,
         )
-    return seconds
+    return result
 
 
 def side_args(args: argparse.Namespace) -> list[str]:
@@ -281,7 +325,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16, help="prompts per step (B)")
     parser.add_argument("--group", type=int, default=4, help="responses per prompt (G)")
     parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--trl-threads", type=int, default=1, help="torch threads of TRL's process (0: torch's default)")
+    parser.add_argument("--trl-threads", type=int, default=1, help="torch threads of TRL (0: torch's default)")
     parser.add_argument("--output", type=Path, help="folder for the runs (default: a temporary folder)")
     parser.add_argument("--side", choices=("trl",), help=argparse.SUPPRESS)
     parser.add_argument("--side-out", type=Path, help=argparse.SUPPRESS)
@@ -310,13 +354,17 @@ def main() -> None:
         flush=True,
     )
     rounds = [one_round(args, i, folder) for i in range(1, args.rounds + 1)]
-    median = {side: statistics.median(r[side] for r in rounds) for side in SIDES}
+    median = {side: statistics.median(r[side][0] for r in rounds) for side in SIDES}
+    cpu = {side: statistics.median(r[side][1] for r in rounds) for side in SIDES}
 
     print()
-    print(f"{'trainer':<38} {'s / step':>9} {'x TRL':>7}   per round")
+    print(f"{'trainer':<38} {'s / step':>9} {'x TRL':>7} {'CPU s / step':>13} {'x TRL':>7}   s / step per round")
     for side in SIDES:
-        per_round = " ".join(f"{r[side]:.2f}" for r in rounds)
-        print(f"{LABELS[side]:<38} {median[side]:>9.3f} {median[side] / median['trl']:>7.2f}   {per_round}")
+        per_round = " ".join(f"{r[side][0]:.2f}" for r in rounds)
+        print(
+            f"{LABELS[side]:<38} {median[side]:>9.3f} {median[side] / median['trl']:>7.2f} "
+            f"{cpu[side]:>13.3f} {cpu[side] / cpu['trl']:>7.2f}   {per_round}"
+        )
     ours, baseline = median["async"], median["trl"]
     print(json.dumps({"benchmark": "step_vs_trl", "ours_s": ours, "baseline_s": baseline, "speedup": baseline / ours}))
 
