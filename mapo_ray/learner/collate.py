@@ -40,8 +40,12 @@ class PolicyInputs:
     """One collated micro-batch of n samples (see the module docstring for the layout).
 
     ``input_ids``, ``attention_mask``, ``mm_token_type_ids``: (n, P + R);
-    ``response_ids``, ``response_mask``: (n, R), the mask bool; ``pixel_values``
-    (patches, D) and ``image_grid_thw`` (images, 3) are None without images.
+    ``response_ids``, ``response_mask``: (n, R), the mask bool. The images, all None
+    without any: ``image_grid_thw`` (images, 3) lists every sample's images in row
+    order, as the prompts hold them; ``pixel_values`` (patches, D) and
+    ``unique_grid_thw`` (distinct, 3) hold each distinct image once (the samples of
+    a group share theirs); ``image_source`` (images,) long says which distinct image
+    each of the former is, so the vision tower runs once per distinct image.
     """
 
     input_ids: torch.Tensor
@@ -51,6 +55,8 @@ class PolicyInputs:
     response_mask: torch.Tensor
     pixel_values: torch.Tensor | None
     image_grid_thw: torch.Tensor | None
+    unique_grid_thw: torch.Tensor | None
+    image_source: torch.Tensor | None
 
     def to(self, device: torch.device) -> PolicyInputs:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -131,12 +137,23 @@ def collate(
         prompt_part = mm_token_type_ids[:, :width_p]
         prompt_part[input_ids[:, :width_p] == image_token_id] = IMAGE_TOKEN_TYPE
     encoded = [v for v in vision if v is not None]
+    # encode_images gives the samples of one images tuple the same VisionInput object.
+    first: dict[int, int] = {}  # id of a VisionInput -> where its images start among the distinct ones
+    distinct: list[VisionInput] = []
+    source: list[int] = []
+    for v in encoded:
+        if id(v) not in first:
+            first[id(v)] = sum(len(u.image_grid_thw) for u in distinct)
+            distinct.append(v)
+        source += range(first[id(v)], first[id(v)] + len(v.image_grid_thw))
     return PolicyInputs(
         input_ids=input_ids,
         attention_mask=attention_mask,
         mm_token_type_ids=mm_token_type_ids,
         response_ids=response_ids,
         response_mask=response_mask,
-        pixel_values=torch.cat([v.pixel_values for v in encoded]) if encoded else None,
+        pixel_values=torch.cat([v.pixel_values for v in distinct]) if encoded else None,
         image_grid_thw=torch.cat([v.image_grid_thw for v in encoded]) if encoded else None,
+        unique_grid_thw=torch.cat([v.image_grid_thw for v in distinct]) if encoded else None,
+        image_source=torch.tensor(source, dtype=torch.long) if encoded else None,
     )

@@ -180,6 +180,13 @@ class Learner:
 
     # ----------------------------------------------------------------- update
 
+    @property
+    def single_step(self) -> bool:
+        """Whether an update is one optimizer step (one mini-batch, one epoch). Then the old
+        policy is the current one: the step's forward gives the old log-probs, detached (the
+        ratio is exactly 1), and the separate no-grad pass over the batch is skipped."""
+        return self.config.learner.updates_per_step * self.config.learner.ppo_epochs == 1
+
     def update(self, batch: Sequence[Experience], advantages: torch.Tensor) -> dict[str, float]:
         """One PPO/MAPO update on this rank's shard ``batch`` (N) with its ``advantages`` (N,).
 
@@ -188,7 +195,8 @@ class Learner:
         optimizer step per mini-batch (``learner.updates_per_step`` of them), each
         accumulated over token-budget micro-batches. Each micro-batch's loss is scaled
         so that the summed, rank-averaged gradient is that of ``algo.loss_agg_mode``
-        over the whole mini-batch across all ranks.
+        over the whole mini-batch across all ranks. When the update is a single step
+        (``single_step``), the step's own forward gives the old log-probs instead.
 
         Returns metrics, equal on every rank: ``actor/pg_loss``, ``actor/kl`` (with a
         KL term), ``actor/clip_frac``, ``actor/dual_clip_frac`` (with dual-clip),
@@ -207,8 +215,13 @@ class Learner:
         advantages = advantages.to(self.device, torch.float32)
         vision = encode_images(batch, self.image_processor, self.image_token_id)
 
+        single_step = self.single_step
         with torch.no_grad():
-            old_log_probs, entropy = self._log_probs(self.engine, batch, vision, with_entropy=True)
+            if single_step:  # filled by the step's forward
+                shape = (len(batch), max(len(e.response_ids) for e in batch))
+                old_log_probs, entropy = torch.zeros(shape, device=self.device), torch.zeros(shape, device=self.device)
+            else:
+                old_log_probs, entropy = self._log_probs(self.engine, batch, vision, with_entropy=True)
             ref_log_probs = None
             if self.reference is not None:
                 ref_log_probs, _ = self._log_probs(self.reference, batch, vision, with_entropy=False)
@@ -221,7 +234,7 @@ class Learner:
         for _ in range(cfg.ppo_epochs):
             for minibatch in minibatches:
                 step_sums, grad_norm, lr = self._optimizer_step(
-                    batch, vision, minibatch, advantages, old_log_probs, ref_log_probs
+                    batch, vision, minibatch, advantages, old_log_probs, ref_log_probs, entropy if single_step else None
                 )
                 grad_norms.append(grad_norm)
                 for name, value in step_sums.items():
@@ -251,8 +264,12 @@ class Learner:
         advantages: torch.Tensor,
         old_log_probs: torch.Tensor,
         ref_log_probs: torch.Tensor | None,
+        fill_entropy: torch.Tensor | None = None,
     ) -> tuple[dict[str, float], float, float]:
         """Forward/backward every micro-batch of ``minibatch`` (indices into ``batch``), then step.
+
+        With ``fill_entropy`` (N, L), the update's only step: each forward first writes its
+        detached log-probs into ``old_log_probs`` and its entropies into ``fill_entropy``.
 
         Returns this rank's metric sums (each loss metric times its micro-batch's share
         of the global loss, each other metric times its micro-batch's tokens, and
@@ -275,9 +292,12 @@ class Learner:
             # DeepSpeed reduces gradients and lets step() update only at the boundary.
             self.engine.set_gradient_accumulation_boundary(k == len(parts) - 1)
             inputs = self._collate(batch, vision, run_rows)
-            log_probs, _ = self.engine(inputs)
+            log_probs, entropy = self.engine(inputs, with_entropy=fill_entropy is not None)
             width = log_probs.shape[1]
             index = torch.tensor(run_rows, device=self.device)
+            if fill_entropy is not None:
+                old_log_probs[index, :width] = log_probs.detach()
+                fill_entropy[index, :width] = entropy
             loss, loss_metrics = compute_policy_loss(
                 algo,
                 log_probs,

@@ -90,9 +90,11 @@ class ResponseLogProbs(nn.Module):
         if inputs.pixel_values is None:
             pixel_values, grid = (t.to(embeds.device) for t in self._blank_image)
         else:
-            pixel_values, grid = inputs.pixel_values, inputs.image_grid_thw
-        features = torch.cat(self.model.get_image_features(pixel_values, grid, return_dict=True).pooler_output)
+            pixel_values, grid = inputs.pixel_values, inputs.unique_grid_thw
+        # One tuple entry per distinct image; the samples that share an image share its features.
+        per_image = self.model.get_image_features(pixel_values, grid, return_dict=True).pooler_output
         if inputs.pixel_values is None:
-            return embeds + 0.0 * features.sum()
+            return embeds + 0.0 * torch.cat(per_image).sum()
+        features = torch.cat([per_image[i] for i in inputs.image_source.tolist()])
         slots = (inputs.mm_token_type_ids == IMAGE_TOKEN_TYPE).unsqueeze(-1)
         return embeds.masked_scatter(slots, features.to(embeds.dtype))

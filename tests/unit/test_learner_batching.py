@@ -166,6 +166,28 @@ def test_collate_layout_puts_every_response_at_one_column(processors):
     assert inputs.pixel_values.shape[0] == 16
 
 
+def test_collate_holds_each_distinct_image_once(processors):
+    """Two samples of one group share a one-image tuple; a third sample has two other images."""
+    _, image_processor, image_pad = processors
+    shared, pair = (_image(56, 56, 0),), (_image(56, 84, 1), _image(84, 56, 2))
+    pads_shared, pads_pair = [image_pad] * 4, [image_pad] * 12  # 4 and 6 + 6 merged tokens
+    exps = [
+        _experience([5, *pads_shared, 6], [7], group=0, images=shared),
+        _experience([5, *pads_pair, 6], [7], group=1, images=pair),
+        _experience([5, *pads_shared, 6], [8, 9], group=0, images=shared),
+    ]
+    vision = encode_images(exps, image_processor, image_pad)
+    assert vision[0] is vision[2]
+    inputs = collate(exps, vision, pad_token_id=0, image_token_id=image_pad)
+    # What the prompts hold, row by row (for the 3-D positions) ...
+    assert inputs.image_grid_thw.tolist() == [[1, 4, 4], [1, 4, 6], [1, 6, 4], [1, 4, 4]]
+    # ... and what the vision tower runs on: each distinct image once.
+    assert inputs.unique_grid_thw.tolist() == [[1, 4, 4], [1, 4, 6], [1, 6, 4]]
+    assert inputs.image_source.tolist() == [0, 1, 2, 0]
+    expected = torch.cat([vision[0].pixel_values, vision[1].pixel_values])
+    assert torch.equal(inputs.pixel_values, expected)
+
+
 def test_encode_images_matches_prepare_inputs(processors):
     from mapo_ray.models import prepare_inputs
 

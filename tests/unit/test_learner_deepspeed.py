@@ -222,6 +222,25 @@ def test_micro_batching_gives_the_gradient_of_one_big_batch(stage, batch):
         torch.testing.assert_close(params_pieces[name], value, atol=1e-3 / 20, rtol=0, msg=name)
 
 
+@pytest.mark.parametrize("stage", [0, 3])
+def test_a_single_step_update_takes_its_old_log_probs_from_its_own_forward(stage, batch, monkeypatch):
+    """Skipping the separate old-log-prob pass changes neither the step nor its metrics."""
+    settings = [f"learner.zero_stage={stage}", "learner.micro_batch_tokens=120"]
+    fast, two_pass = (Learner(_config(*settings), tiny_vl_path()) for _ in range(2))
+    assert fast.single_step
+    advantages = fast.advantages(batch)
+    metrics_fast = fast.update(batch, advantages)
+    monkeypatch.setattr(Learner, "single_step", property(lambda self: False))
+    metrics_two_pass = two_pass.update(batch, advantages)
+    assert metrics_fast.keys() == metrics_two_pass.keys()
+    for name, value in metrics_two_pass.items():
+        assert metrics_fast[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    assert metrics_fast["actor/entropy"] > 0 and metrics_fast["actor/rollout_logprob_abs_diff"] < 1e-4
+    params_fast, params_two_pass = _params(fast), _params(two_pass)
+    for name, value in params_two_pass.items():
+        torch.testing.assert_close(params_fast[name], value, atol=1e-3 / 20, rtol=0, msg=name)
+
+
 def test_gradient_checkpointing_changes_memory_not_gradients(batch):
     plain = Learner(_config("learner.zero_stage=0"), tiny_vl_path())
     checkpointed = Learner(_config("learner.zero_stage=0", "learner.gradient_checkpointing=true"), tiny_vl_path())
