@@ -117,7 +117,7 @@ def mean_spread(values: list[float]) -> str:
 
 
 def plot(runs: dict[str, list[Run]], out: Path, target: float) -> None:
-    fig = Figure(figsize=(3.2 * len(runs), 3.4), layout="constrained")
+    fig = Figure(figsize=(max(5.0, 3.2 * len(runs)), 3.4), layout="constrained")
     axes = fig.subplots(1, len(runs), sharey=True, squeeze=False)[0]
     for ax, (estimator, group) in zip(axes, runs.items()):
         for run in group:
@@ -130,7 +130,7 @@ def plot(runs: dict[str, list[Run]], out: Path, target: float) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test accuracy")
     axes[0].legend(loc="lower right", fontsize=7)
-    fig.suptitle("Test accuracy on the cpu-tiny task, per estimator")
+    fig.suptitle("cpu-tiny test accuracy per estimator")
     fig.savefig(out, dpi=110)
 
 

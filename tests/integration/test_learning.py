@@ -71,7 +71,8 @@ def test_rl_raises_test_accuracy_and_does_not_without_weight_sync(ray_cluster, t
     # The same seeds give the same warm-start in both runs.
     assert learned[0] == control[0]
     assert learned[STEPS] >= learned[0] + MARGIN
-    # Without the learned weights the actors sample the warm-start policy throughout;
-    # only the evaluation's sampling seed differs from step to step.
-    assert control[STEPS] <= control[0] + 0.1
+    # Without the learned weights the actors sample the warm-start policy throughout; only
+    # the evaluation's sampling seed differs from step to step, which moves 64 answers by
+    # about 6 points (one standard deviation), so "does not rise" is "not by the margin".
+    assert control[STEPS] < control[0] + MARGIN
     assert learned[STEPS] >= control[STEPS] + MARGIN
