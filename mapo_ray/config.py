@@ -389,10 +389,6 @@ class SFTConfig:
     batch_size: int = 32
     # Its own lr, at the RL optimizer's weight decay and clipping; the RL lr schedule waits.
     lr: float = 1e-3
-    # The share of each batch's answers permuted among the prompts that ask the same
-    # question (mapo_ray.learner.sft.shuffle_answers): label noise. 1.0 teaches the format
-    # and each question's answers but nothing of the image; a little less, a weak link.
-    shuffled_answers: float = 0.0
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -400,8 +396,6 @@ class SFTConfig:
         for name in ("batch_size", "lr"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"sft.{name} must be positive, got {getattr(self, name)}")
-        if not 0 <= self.shuffled_answers <= 1:
-            raise ValueError(f"sft.shuffled_answers must be in [0, 1], got {self.shuffled_answers}")
 
 
 @dataclass

@@ -4,11 +4,7 @@ A policy that never writes ``<think>...</think> ... \\boxed{}`` gets reward 0 on
 rollout, and RL then has no signal (every group's advantage is 0). A few hundred
 supervised steps on the training prompts, each paired with a reference response
 built from its answer (``sft_target``), teach the format and whatever part of the
-answers the policy can pick up in that time. ``sft.shuffled_answers`` permutes that share of each
-batch's answers among the prompts that ask the same question (``shuffle_answers``):
-noisy labels. At 1.0 the policy learns the format and each question's answer set but
-not the image, so it starts RL at guessing level; a little below 1.0 it also learns a
-weak link from image to answer, which RL can then strengthen::
+answers the policy can pick up in that time::
 
     rank 0:  prompts ─► sft_examples (tokenize) ─► shards ─┐ scatter
     all:     Learner.sft_step (token-mean cross-entropy) ◄─┘  × sft.steps
@@ -21,8 +17,6 @@ image encoding, collation and micro-batching apply as they are.
 
 from __future__ import annotations
 
-import dataclasses
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,7 +29,6 @@ from mapo_ray.learner.experience import Experience, shard_by_group
 from mapo_ray.learner.learner import Learner
 from mapo_ray.models import prepare_inputs
 from mapo_ray.models.tokenizer import THINK_END, THINK_START
-from mapo_ray.rollout.sampling import derive_seed
 from mapo_ray.rollout.types import Prompt, pil_image
 
 # Deliberately content-free: the synthetic rows carry no worked solution, and a short
@@ -51,30 +44,6 @@ def sft_target(answer: str, reasoning: str = REASONING) -> str:
     if not answer.strip():
         raise ValueError("sft_target: the answer is empty")
     return f"{THINK_START}{reasoning}{THINK_END} The answer is \\boxed{{{answer.strip()}}}."
-
-
-def shuffle_answers(prompts: Sequence[Prompt], rng: random.Random, fraction: float = 1.0) -> list[Prompt]:
-    """``prompts`` with a ``fraction`` of their answers permuted among the prompts of the same text.
-
-    Prompts of the same text ask the same question, so each question keeps its own
-    answers and their frequencies, but a shuffled answer no longer belongs to its
-    image. At 1.0 a policy trained on the result learns the format and each question's
-    answers and guesses among them; below it, it also learns a weak link to the image.
-    In each question, ``round(fraction * n)`` of its n prompts, drawn by ``rng``, swap answers.
-    """
-    if not 0 <= fraction <= 1:
-        raise ValueError(f"shuffle_answers: fraction must be in [0, 1], got {fraction}")
-    by_text: dict[str, list[int]] = {}
-    for index, prompt in enumerate(prompts):
-        by_text.setdefault(prompt.text, []).append(index)
-    answers = [p.answer for p in prompts]
-    for indices in by_text.values():
-        chosen = rng.sample(indices, round(fraction * len(indices)))
-        drawn = [answers[i] for i in chosen]
-        rng.shuffle(drawn)
-        for i, answer in zip(chosen, drawn):
-            answers[i] = answer
-    return [dataclasses.replace(p, answer=a) for p, a in zip(prompts, answers)]
 
 
 def sft_examples(
@@ -172,11 +141,7 @@ def warm_start(
     for step in range(1, cfg.steps + 1):
         shards = None
         if rank == 0:
-            prompts = take(cfg.batch_size)
-            if cfg.shuffled_answers:
-                rng = random.Random(derive_seed(learner.config.seed, step))
-                prompts = shuffle_answers(prompts, rng, cfg.shuffled_answers)
-            batch = sft_examples(prompts, tokenizer, learner.image_processor)
+            batch = sft_examples(take(cfg.batch_size), tokenizer, learner.image_processor)
             owners = shard_by_group([e.group_id for e in batch], [e.num_tokens for e in batch], world_size)
             shards = [[batch[i] for i in owned] for owned in owners]
         metrics = learner.sft_step(_scatter(shards), cfg.lr)

@@ -9,7 +9,6 @@ test runs two ranks in a Ray Train ``TorchTrainer``.
 from __future__ import annotations
 
 import math
-import random
 import sys
 
 import pytest
@@ -21,7 +20,7 @@ from mapo_ray.config import Config, ConfigError, SFTConfig, from_dict, load_conf
 from mapo_ray.data import PixelBudget, prepare_row, render_prompt
 from mapo_ray.data.synthetic import KINDS, examples_table
 from mapo_ray.learner import Experience, Learner
-from mapo_ray.learner.sft import sft_examples, sft_target, shuffle_answers, warm_start
+from mapo_ray.learner.sft import sft_examples, sft_target, warm_start
 from mapo_ray.models import tiny_vl_path
 from mapo_ray.reward import score_math
 from mapo_ray.rollout import HFEngine, Prompt, SamplingParams
@@ -91,45 +90,6 @@ def test_a_wrong_answer_in_the_target_scores_format_only():
     assert score_math(sft_target("7"), "8") == {"overall": pytest.approx(0.1), "format": 1.0, "accuracy": 0.0}
     with pytest.raises(ValueError, match="the answer is empty"):
         sft_target("  ")
-
-
-def test_shuffled_answers_stay_with_their_question_and_leave_their_image():
-    batch = [Prompt(f"c{i}", "colour?", (), a) for i, a in enumerate(["red", "blue", "green", "red"])]
-    batch += [Prompt(f"s{i}", "sides?", (), a) for i, a in enumerate(["3", "4", "5"])]
-    moved = set()
-    for seed in range(20):
-        shuffled = shuffle_answers(batch, random.Random(seed))
-        assert shuffled == shuffle_answers(batch, random.Random(seed))  # seeded
-        assert [(p.uid, p.text) for p in shuffled] == [(p.uid, p.text) for p in batch]
-        for text in ("colour?", "sides?"):
-            before = sorted(p.answer for p in batch if p.text == text)
-            assert sorted(p.answer for p in shuffled if p.text == text) == before
-        moved |= {p.uid for p, q in zip(shuffled, batch) if p.answer != q.answer}
-        # Half of each question's prompts take part: the others keep their own answers.
-        half = shuffle_answers(batch, random.Random(seed), fraction=0.5)
-        assert sum(p.answer != q.answer for p, q in zip(half, batch) if p.text == "colour?") <= 2
-    assert moved == {p.uid for p in batch}  # every prompt gets another's answer at some draw
-    assert shuffle_answers(batch, random.Random(0), fraction=0.0) == batch
-    with pytest.raises(ValueError, match=r"fraction must be in \[0, 1\], got 2"):
-        shuffle_answers(batch, random.Random(0), fraction=2)
-
-
-def test_warm_start_with_shuffled_answers_trains_on_other_prompts_answers(prompts, monkeypatch):
-    import mapo_ray.learner.sft as sft
-
-    learner = Learner(_config("learner.zero_stage=0"), tiny_vl_path())
-    seen: list[list[str]] = []
-    original = sft.sft_examples
-
-    def recording(batch, *args):
-        seen.append([p.answer for p in batch])
-        return original(batch, *args)
-
-    monkeypatch.setattr(sft, "sft_examples", recording)
-    batch = [p for p in prompts for _ in range(3)]  # three copies: answers can move within a question
-    warm_start(learner, SFTConfig(steps=4, batch_size=len(batch), shuffled_answers=1.0), lambda n: batch)
-    assert all(sorted(answers) == sorted(p.answer for p in batch) for answers in seen)
-    assert any(answers != [p.answer for p in batch] for answers in seen)
 
 
 def test_examples_are_the_prompts_the_rollout_engine_sees(prompts, tokenizer):
@@ -232,7 +192,7 @@ def test_warm_start_takes_a_batch_per_step(prompts):
 
 
 def test_config_section():
-    assert Config().sft == SFTConfig(steps=0, batch_size=32, lr=1e-3, shuffled_answers=0.0)
+    assert Config().sft == SFTConfig(steps=0, batch_size=32, lr=1e-3)
     cfg = load_config(overrides=["sft.steps=150", "sft.lr=5e-3", "sft.batch_size=16"])
     assert (cfg.sft.steps, cfg.sft.lr, cfg.sft.batch_size) == (150, 5e-3, 16)
     assert from_dict(Config, to_dict(cfg)) == cfg
@@ -246,7 +206,6 @@ def test_config_section():
         ("sft.lr=0", r"sft\.lr must be positive, got 0"),
         ("sft.step=5", r"unknown config key 'sft\.step'; did you mean 'sft\.steps'\?"),
         ("sft.steps=1.5", r"config key 'sft\.steps': value 1\.5 \(float\) is not of type int"),
-        ("sft.shuffled_answers=1.5", r"sft\.shuffled_answers must be in \[0, 1\], got 1\.5"),
     ],
 )
 def test_config_errors_name_the_key(override, message):
