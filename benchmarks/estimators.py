@@ -152,7 +152,8 @@ def main() -> None:
 
     # A throw-away local cluster needs no token-authenticated dashboard.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+    # log_to_driver: each run's progress lines (step, reward, eval) come from its training worker.
+    ray.init(include_dashboard=False, configure_logging=False, log_to_driver=True)
     runs: dict[str, list[Run]] = {e: [] for e in estimators}
     try:
         for seed in seeds:  # seed-major, so a cut-short benchmark still compares like with like

@@ -48,6 +48,11 @@ def _parse_answer(answer: str) -> tuple:
     return tuple(parsed)
 
 
+# A policy repeats itself: most boxed answers of a group, and of a run, are ones seen
+# before, and a symbolic comparison that fails costs about 30 ms. The grading process
+# is long-lived, so it remembers; a comparison that overran killed the process, so
+# nothing it left half-done is remembered.
+@lru_cache(maxsize=65536)
 def math_equal(prediction: str, answer: str) -> bool:
     """Whether LaTeX ``prediction`` is mathematically equal to the reference ``answer``.
 

@@ -75,3 +75,11 @@ def test_unparsable_reference_answer_is_an_error_naming_it(answer):
     # Also when the response has no box, so a bad answer is never hidden.
     with pytest.raises(RewardInputError):
         score_math("no box", answer)
+
+
+def test_a_repeated_comparison_is_remembered_and_gives_the_same_verdict():
+    math_equal.cache_clear()
+    first = [math_equal("red", "blue"), math_equal("\\frac{2}{4}", "\\frac{1}{2}")]
+    again = [math_equal("red", "blue"), math_equal("\\frac{2}{4}", "\\frac{1}{2}")]
+    assert first == again == [False, True]
+    assert math_equal.cache_info().hits == 2
