@@ -25,8 +25,8 @@ from mapo_ray.telemetry.records import read_metrics
 
 pytestmark = pytest.mark.integration
 
-# cpu-tiny's run is 25 steps; by step 15 its accuracy has mostly risen (benchmarks/estimators.py).
-STEPS = 15
+# cpu-tiny's run is 40 steps; by step 20 seed 0 has gained about 50 points (benchmarks/estimators.py).
+STEPS = 20
 # Shorter than cpu-tiny's run, so the margin asked for is smaller than the 30 points.
 MARGIN = 0.2
 
@@ -72,7 +72,7 @@ def test_rl_raises_test_accuracy_and_does_not_without_weight_sync(ray_cluster, t
     assert learned[0] == control[0]
     assert learned[STEPS] >= learned[0] + MARGIN
     # Without the learned weights the actors sample the warm-start policy throughout; only
-    # the evaluation's sampling seed differs from step to step, which moves 64 answers by
-    # about 6 points (one standard deviation), so "does not rise" is "not by the margin".
+    # the evaluation's sampling seed differs from step to step, which moves 256 answers by
+    # about 3 points (one standard deviation), so "does not rise" is "not by the margin".
     assert control[STEPS] < control[0] + MARGIN
     assert learned[STEPS] >= control[STEPS] + MARGIN
