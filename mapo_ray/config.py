@@ -309,6 +309,10 @@ class LearnerConfig:
     ppo_epochs: int = 1
     # Padded prompt + response tokens of one forward/backward on one rank.
     micro_batch_tokens: int = 16384
+    # Response tokens whose vocabulary-wide logits exist at once when computing log-probs
+    # and entropies (mapo_ray.learner.logprobs): the memory of that step no longer grows
+    # with the micro-batch. At Qwen2.5-VL's 152k words, 512 tokens are ~0.3 GB of float32.
+    logprob_chunk_tokens: int = 512
     gradient_checkpointing: bool = False
     # Keep the vision tower (merger included) at its loaded weights.
     freeze_vision_tower: bool = False
@@ -316,7 +320,7 @@ class LearnerConfig:
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"learner.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        for name in ("lr", "updates_per_step", "ppo_epochs", "micro_batch_tokens"):
+        for name in ("lr", "updates_per_step", "ppo_epochs", "micro_batch_tokens", "logprob_chunk_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"learner.{name} must be positive, got {getattr(self, name)}")
         for name in ("weight_decay", "grad_clip", "lr_warmup_steps"):
@@ -426,18 +430,30 @@ _PAPER_ALGO: dict[str, Any] = {
 }
 # Eight 80 GB GPUs on one node (k8s/raycluster.yaml), half learning and half generating,
 # each on GPUs of its own so neither waits for the other's memory: four ZeRO-3 learner
-# ranks hold the 7B policy, its reference and the AdamW states (~30 GB a GPU); four vLLM
-# actors (one GPU each) hold a bf16 copy and a KV cache for 512 x 12 rollouts, and take
-# the weights in one NCCL broadcast inside the node. Reward and prompt actors need CPUs
-# only, which Ray places off the GPU node while CPU nodes have room.
+# ranks hold the 7B policy, its reference and the AdamW states (~41 GiB a GPU, ~55 GiB at
+# the update's peak: python -m mapo_ray.plan); four vLLM actors (one GPU each) hold a bf16
+# copy and a KV cache for 512 x 12 rollouts, and take the weights in one NCCL broadcast
+# inside the node. Reward and prompt actors need CPUs only, which Ray places off the GPU
+# node while CPU nodes have room.
 _EIGHT_GPUS: dict[str, Any] = {
     "trainer": {"num_learners": 4, "cpus_per_learner": 8.0, "use_gpu": True, "eval_every": 10},
-    "learner": {"zero_stage": 3, "gradient_checkpointing": True},
+    "learner": {
+        # Model states of 8.3B parameters at 20 bytes each: 37 GiB a rank sharded over 4
+        # (ZeRO-2: 50 GiB, and the reference whole beside them).
+        "zero_stage": 3,
+        # Activations of 16k tokens are 9.5 GiB checkpointed, 133 GiB without.
+        "gradient_checkpointing": True,
+        # 55 GiB of 80 at the peak; 32k tokens would be 64 GiB, little room for fragmentation.
+        "micro_batch_tokens": 16384,
+        # Two float32 copies of 512 x 152k logits: 0.6 GiB, plus 1 GiB of output-embedding gradient.
+        "logprob_chunk_tokens": 512,
+    },
     "rollout": {
         "engine": "vllm",
         "device": "cuda",
         "num_actors": 4,
         "num_cpus_per_actor": 4.0,
+        # 68 GiB of 80 with CUDA graphs: a 48 GiB KV cache, 220 sequences of 4096 tokens at once.
         "gpu_memory_utilization": 0.85,
     },
     "reward": {"num_workers": 16},
@@ -451,8 +467,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The paper's recipe scaled to one 80 GB GPU (H100; an H200 has room to spare): the
     # smallest Qwen2.5-VL, its learner and one vLLM actor sharing the GPU. vLLM sleeps
     # while the learner trains, so the two peaks do not add up: the learner's (3B policy,
-    # fp32 AdamW over the ~3.1B text parameters, checkpointed activations) is ~70 GB, and
-    # generation needs vLLM's 0.3 of the GPU beside the learner's ~45 GB of states.
+    # fp32 AdamW over the ~3.1B text parameters, checkpointed activations) is ~65 GiB, and
+    # generation needs vLLM's 0.3 of the GPU (24.5 GiB) beside the learner's ~44.5 GiB of
+    # weights and optimizer states: 69 GiB (python -m mapo_ray.plan).
     "geo3k-qwen25vl-3b-1gpu": {
         # A frozen reference (7.5 GB more) does not fit beside the rest on 80 GB.
         "algo": {**_PAPER_ALGO, "kl_coef": 0.0},
@@ -477,6 +494,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             "group_size": 8,
             "max_new_tokens": 1024,
             "max_model_len": 4096,
+            # A 13.6 GiB KV cache (96 sequences of 4096 tokens at once); 0.4 would make a
+            # rollout beside the learner's states 77 GiB, too close to 80.
             "gpu_memory_utilization": 0.3,
             "sleep_between_rollouts": True,
         },
@@ -484,8 +503,11 @@ PRESETS: dict[str, dict[str, Any]] = {
             "zero_stage": 1,
             "lr": 1e-6,
             "updates_per_step": 4,
-            "micro_batch_tokens": 8192,  # the fp32 logits of 8k tokens are already ~5 GB
+            # Checkpointed activations of 8k tokens are 2.2 GiB: the update peaks at 66 GiB.
+            "micro_batch_tokens": 8192,
+            # Without it the activations of 8k tokens are 37 GiB.
             "gradient_checkpointing": True,
+            # Saves the tower's gradients and fp32 AdamW states: 0.67B x 18 bytes = 11 GiB.
             "freeze_vision_tower": True,
         },
         "data": {"max_pixels": 512 * 28 * 28},
