@@ -77,12 +77,13 @@ class Learner:
         pad = hf_config.get_text_config().pad_token_id
         self.pad_token_id: int = 0 if pad is None else pad
 
-        policy = ResponseLogProbs(load_model(model_path, cfg, trainable=True), temperature)
+        policy = ResponseLogProbs(load_model(model_path, cfg, trainable=True), temperature, cfg.logprob_chunk_tokens)
         self.engine = build_policy_engine(policy, cfg, self.world_size)
         self.device: torch.device = self.engine.device
         self.reference: nn.Module | None = None
         if config.algo.kl_coef > 0:
-            reference = ResponseLogProbs(load_model(model_path, cfg, trainable=False), temperature)
+            frozen = load_model(model_path, cfg, trainable=False)
+            reference = ResponseLogProbs(frozen, temperature, cfg.logprob_chunk_tokens)
             self.reference = build_reference(reference, cfg, self.world_size, self.device)
 
     @property

@@ -68,8 +68,10 @@ def batch(prompts) -> list[Experience]:
 
 @pytest.fixture(scope="module")
 def frozen_learner() -> Learner:
-    """A stage-0 learner that no test updates; small micro-batches so that padding is exercised."""
-    return Learner(_config("learner.zero_stage=0", "learner.micro_batch_tokens=120"), tiny_vl_path())
+    """A stage-0 learner that no test updates; small micro-batches so that padding is exercised,
+    and log-prob chunks that cut across responses."""
+    settings = ("learner.zero_stage=0", "learner.micro_batch_tokens=120", "learner.logprob_chunk_tokens=7")
+    return Learner(_config(*settings), tiny_vl_path())
 
 
 def _plain_hf_log_probs(model, image_processor, exp: Experience) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,6 +241,24 @@ def test_a_single_step_update_takes_its_old_log_probs_from_its_own_forward(stage
     params_fast, params_two_pass = _params(fast), _params(two_pass)
     for name, value in params_two_pass.items():
         torch.testing.assert_close(params_fast[name], value, atol=1e-3 / 20, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_the_log_prob_chunk_size_changes_memory_not_the_update(stage, batch):
+    """Chunks of 3 tokens (cutting across responses) against one chunk for the whole micro-batch,
+    with a KL reference so that its log-probs are chunked too; ZeRO-3 gathers the head for each."""
+    settings = [f"learner.zero_stage={stage}", "algo.kl_coef=0.05"]
+    whole = Learner(_config(*settings, "learner.logprob_chunk_tokens=100000"), tiny_vl_path())
+    chunked = Learner(_config(*settings, "learner.logprob_chunk_tokens=3"), tiny_vl_path())
+    for a, b in zip(whole.compute_log_probs(batch), chunked.compute_log_probs(batch)):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
+    advantages = whole.advantages(batch)
+    metrics_whole, metrics_chunked = whole.update(batch, advantages), chunked.update(batch, advantages)
+    for name, value in metrics_whole.items():
+        assert metrics_chunked[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    params_whole, params_chunked = _params(whole), _params(chunked)
+    for name, value in params_whole.items():
+        torch.testing.assert_close(params_chunked[name], value, atol=1e-3 / 20, rtol=0, msg=name)
 
 
 def test_gradient_checkpointing_changes_memory_not_gradients(batch):
