@@ -26,6 +26,10 @@ from typing import Any, Literal
 import yaml
 
 
+# trainer.model's name for the tiny offline Qwen2.5-VL (mapo_ray.models), built on first use.
+TINY_VL = "tiny-vl"
+
+
 class ConfigError(ValueError):
     """A config key or value that does not fit the schema."""
 

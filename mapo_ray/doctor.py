@@ -48,6 +48,8 @@ from typing import Any
 from packaging.version import InvalidVersion, Version
 
 import mapo_ray
+from mapo_ray.config import TINY_VL
+from mapo_ray.plan import PlanError, load_shape
 
 OK, FAIL, WARN, NA = "OK", "FAIL", "WARN", "N/A"
 LOCAL = "local"
@@ -85,22 +87,11 @@ HUB_TIMEOUT_S = 10.0
 # A node's checks run NCCL and the vLLM import one after the other, plus torch's import.
 NODE_TIMEOUT_S = NCCL_TIMEOUT_S + VLLM_TIMEOUT_S + 60.0
 
-# mapo_ray.job's names, not imported from there: it pulls in transformers (seconds).
-TINY_VL = "tiny-vl"
 CPU_PRESET = "cpu-tiny"
-# Parameter counts of the presets' models, known before any download: the hub's
-# safetensors totals (text decoder + vision tower); tiny-vl has ~0.7M (config.py's
-# cpu-tiny comment), rounded up. Other models are counted from their local folder.
-KNOWN_PARAMS = {
-    TINY_VL: 1_000_000,
-    "Qwen/Qwen2.5-VL-3B-Instruct": 3.75e9,
-    "Qwen/Qwen2.5-VL-7B-Instruct": 8.29e9,
-}
 # One checkpoint per parameter: the weights plus DeepSpeed's fp32 optimizer states (bf16:
 # an fp32 master copy and AdamW's two moments; fp32: the weights are the master).
 CHECKPOINT_BYTES_PER_PARAM = {"bf16": 2 + 12, "fp32": 4 + 8}
 WEIGHT_BYTES_PER_PARAM = {"bf16": 2, "fp32": 4}
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 # "org/name@split": a hub dataset (mapo_ray.data.sources).
 HUB_DATASET = re.compile(r"^[^/@:]+/[^/@:]+@\S+$")
 
@@ -130,6 +121,8 @@ class Needs:
     precision: str  # of the learner's weights: "bf16" or "fp32"
     checkpoints_kept: int
     hub_needed: bool
+    # Exact, from the model's config (mapo_ray.plan); None when no config is at hand.
+    params: int | None
 
     @property
     def gpus(self) -> float:
@@ -160,7 +153,16 @@ def needs_of(config: Any, cluster_has_gpus: bool) -> Needs:
         precision=precision,
         checkpoints_kept=checkpoints_kept(trainer.total_steps, trainer.checkpoint_every, trainer.keep_checkpoints),
         hub_needed=model_is_hub or data_from_hub,
+        params=model_params(trainer.model),
     )
+
+
+def model_params(model: str) -> int | None:
+    """Parameters of ``trainer.model``, counted as the memory plan counts them; None: no config found."""
+    try:
+        return load_shape(model).total_params
+    except PlanError:
+        return None
 
 
 # ---------------------------------------------------------------- 1. versions
@@ -735,21 +737,10 @@ def checkpoints_kept(total_steps: int, every: int, keep: int) -> int:
     return written if keep == 0 else min(keep + 1, written)
 
 
-def params_in_folder(folder: Path) -> float | None:
-    """Parameters of a Hugging Face folder: its safetensors bytes over its dtype's size."""
-    files = list(folder.glob("*.safetensors"))
-    if not files:
-        return None
-    try:
-        dtype = json.loads((folder / "config.json").read_text()).get("torch_dtype", "bfloat16")
-    except (OSError, ValueError):
-        dtype = "bfloat16"
-    return sum(f.stat().st_size for f in files) / DTYPE_BYTES.get(dtype, 2)
-
-
-def check_disk(needs: Needs, params: float | None, free: int, folder: Path) -> Check:
+def check_disk(needs: Needs, free: int, folder: Path) -> Check:
     """Free space at the run folder against the kept checkpoints and the final policy."""
     name = "disk"
+    params = needs.params
     if params is None:
         return Check(
             name,
@@ -771,19 +762,6 @@ def check_disk(needs: Needs, params: float | None, free: int, folder: Path) -> C
             "free space, point --output at a bigger volume, or lower trainer.keep_checkpoints",
         )
     return Check(name, OK, detail)
-
-
-def read_params(model: str) -> float | None:
-    if model in KNOWN_PARAMS:
-        return KNOWN_PARAMS[model]
-    if Path(model).is_dir():
-        return params_in_folder(Path(model))
-    from huggingface_hub import snapshot_download
-
-    try:
-        return params_in_folder(Path(snapshot_download(model, local_files_only=True)))
-    except Exception:  # noqa: BLE001 - not cached: unknown size
-        return None
 
 
 # ---------------------------------------------------------------- running the checks
@@ -842,7 +820,7 @@ def node_checks(needs: Needs, output: str, ray_gpus: int | None = None, object_s
         checks.append(check_vllm(needs, code, out, pinned, pin_file))
 
     folder = nearest_existing(Path(output))
-    checks.append(check_disk(needs, read_params(needs.model), shutil.disk_usage(folder).free, folder))
+    checks.append(check_disk(needs, shutil.disk_usage(folder).free, folder))
     return checks
 
 

@@ -21,7 +21,6 @@ from mapo_ray.telemetry.ledger import LEDGER_FILE
 from mapo_ray.telemetry.records import METRICS_FILE, read_metrics
 
 SYNTHETIC = "synthetic"
-TINY_VL = "tiny-vl"
 # What a machine without GPUs runs by default; with GPUs the job needs a preset or config.
 CPU_PRESET = "cpu-tiny"
 

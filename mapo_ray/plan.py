@@ -25,10 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mapo_ray.config import Config, ConfigError, PRESETS, load_config
+from mapo_ray.config import PRESETS, TINY_VL, Config, ConfigError, load_config
 
 GIB = 2**30
-TINY_VL = "tiny-vl"
 
 # CUDA context, cuBLAS/NCCL workspaces, DeepSpeed's communication buckets (ZeRO-1/2
 # reduce a 5e8-element bucket, 1 GB in bf16) and caching-allocator fragmentation.
