@@ -14,7 +14,7 @@ from pathlib import Path
 
 import ray
 
-from mapo_ray.config import Config, load_config
+from mapo_ray.config import TINY_VL, Config, load_config
 from mapo_ray.data.synthetic import write_task
 from mapo_ray.models.tiny import cache_dir, tiny_vl_path
 from mapo_ray.telemetry.ledger import LEDGER_FILE
