@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from mapo_ray.data import PixelBudget, open_source, plan_reads, prepare_row, read_unit, render_prompt
-from mapo_ray.data.synthetic import COLOURS, KINDS, examples_table, latex_fraction, latex_sqrt, make_example, write_task
+from mapo_ray.data.synthetic import COLOURS, KINDS, examples_table, latex_fraction, latex_sqrt, make_example
 
 
 @pytest.mark.parametrize(
