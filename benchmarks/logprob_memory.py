@@ -17,9 +17,11 @@ and the hidden states): the kernel's high-water mark (``VmHWM``, reset through
 ``/proc/self/clear_refs``), which on CPU sees every allocation, torch's or not. It is
 given twice: all of it, and without the head weight's gradient, the (vocabulary x
 hidden) buffer that both variants must write (545 MB here). Time is the median of
-``--repeats`` further runs. Prints a table, then one JSON line with ``memory_ratio``
+``--repeats`` further runs, in wall and in CPU seconds of the process (which another
+load on the machine moves less). Prints a table, then one JSON line with ``memory_ratio``
 (full over chunked peak at the longest length, without the weight gradient),
-``memory_ratio_with_weight_grad`` and ``time_ratio`` (chunked over full seconds).
+``memory_ratio_with_weight_grad``, ``time_ratio`` (chunked over full wall seconds) and
+``cpu_time_ratio``.
 """
 
 from __future__ import annotations
@@ -77,13 +79,19 @@ def measure_one(variant: str, length: int, chunk: int, repeats: int) -> dict[str
     before = _proc_status("VmRSS")
     step()
     peak = _proc_status("VmHWM") - before
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     grad_bytes = weight.numel() * weight.element_size()
-    return {"peak_bytes": peak, "peak_without_grad_bytes": peak - grad_bytes, "seconds": statistics.median(times)}
+    return {
+        "peak_bytes": peak,
+        "peak_without_grad_bytes": peak - grad_bytes,
+        "seconds": statistics.median(times),
+        "cpu_seconds": statistics.median(cpu_times),
+    }
 
 
 def run_child(variant: str, length: int, chunk: int, repeats: int) -> dict[str, float]:
@@ -106,7 +114,7 @@ def main() -> None:
         return
 
     print(f"output head {VOCAB} x {HIDDEN} float32 on CPU, {torch.get_num_threads()} threads, chunk {args.chunk}")
-    header = f"{'tokens':>6} | {'variant':>7} | {'peak MiB':>8} | {'no w.grad':>9} | {'seconds':>7}"
+    header = f"{'tokens':>6} | {'variant':>7} | {'peak MiB':>8} | {'no w.grad':>9} | {'seconds':>7} | {'CPU s':>6}"
     print(header)
     print("-" * len(header))
     rows: dict[tuple[str, int], dict[str, float]] = {}
@@ -115,7 +123,8 @@ def main() -> None:
             result = rows[variant, length] = run_child(variant, length, args.chunk, args.repeats)
             print(
                 f"{length:>6} | {variant:>7} | {result['peak_bytes'] / MIB:>8.0f} | "
-                f"{result['peak_without_grad_bytes'] / MIB:>9.0f} | {result['seconds']:>7.2f}",
+                f"{result['peak_without_grad_bytes'] / MIB:>9.0f} | {result['seconds']:>7.2f} | "
+                f"{result['cpu_seconds']:>6.2f}",
                 flush=True,
             )
     longest = lengths[-1]
@@ -129,6 +138,7 @@ def main() -> None:
                 "memory_ratio": round(full["peak_without_grad_bytes"] / chunked["peak_without_grad_bytes"], 2),
                 "memory_ratio_with_weight_grad": round(full["peak_bytes"] / chunked["peak_bytes"], 2),
                 "time_ratio": round(chunked["seconds"] / full["seconds"], 3),
+                "cpu_time_ratio": round(chunked["cpu_seconds"] / full["cpu_seconds"], 3),
             }
         )
     )

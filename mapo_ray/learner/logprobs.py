@@ -73,7 +73,7 @@ class _ChunkedTokenLogProbs(torch.autograd.Function):
         hidden, weight, targets, log_z = ctx.saved_tensors
         scale = ctx.scale
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        grad_weight = None
         for start in range(0, hidden.shape[0], ctx.chunk_tokens):
             rows = slice(start, start + ctx.chunk_tokens)
             g = grad_log_probs[rows] * scale
@@ -84,9 +84,15 @@ class _ChunkedTokenLogProbs(torch.autograd.Function):
             grad_logits = grad_logits.to(weight.dtype)
             if grad_hidden is not None:
                 grad_hidden[rows] = grad_logits @ weight
-            if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.T, hidden[rows])
+            if ctx.needs_input_grad[1]:
+                if grad_weight is None:  # the first chunk's product is the buffer: no zero fill
+                    grad_weight = grad_logits.T @ hidden[rows]
+                else:
+                    grad_weight.addmm_(grad_logits.T, hidden[rows])
             del grad_logits
+        if ctx.needs_input_grad[1] and grad_weight is None:
+            # No token to score: still a gradient, so that ZeRO's hooks fire as on other ranks.
+            grad_weight = torch.zeros_like(weight)
         return grad_hidden, grad_weight, None, None, None, None
 
 

@@ -77,6 +77,13 @@ def test_only_the_inputs_that_need_a_gradient_get_one():
     torch.testing.assert_close(grad_h, torch.autograd.grad(expected.sum(), (h,))[0], rtol=0, atol=1e-12)
 
 
+def test_no_token_still_gives_a_zero_weight_gradient():
+    h, w, y, _ = _inputs()
+    lp, _ = chunked_token_logprobs(h[:0], w, y[:0], 1.0, 8)
+    (grad_w,) = torch.autograd.grad(lp.sum(), (w,))
+    assert lp.shape == (0,) and grad_w.shape == w.shape and not grad_w.any()
+
+
 def test_a_bad_chunk_size_or_a_head_with_bias_is_refused():
     h, w, y, _ = _inputs()
     with pytest.raises(ValueError, match="chunk_tokens must be positive"):
