@@ -1,4 +1,4 @@
-"""The learner inside Ray Train: a ``TorchTrainer`` with two CPU workers under ZeRO-2.
+"""The learner inside Ray Train: a ``TorchTrainer`` with two CPU workers under ZeRO-2 and ZeRO-3.
 
 The rollout batch is real (the tiny Qwen2.5-VL sampled by ``HFEngine`` in the driver)
 and travels to the workers in ``train_loop_config``, as the loop's actor handles will.
@@ -112,13 +112,16 @@ def _reference_grad_norm(config: Config, batch: list[Experience], advantages: to
     return float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]))
 
 
-def test_two_workers_under_zero2_train_in_step(ray_cluster, tmp_path):
+# ZeRO-3 with log-prob chunks of 5 tokens: each rank gathers the sharded LM head for every chunk.
+@pytest.mark.parametrize("stage, chunk", [(2, 512), (3, 5)])
+def test_two_workers_train_in_step(ray_cluster, tmp_path, stage, chunk):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     config = load_config(
         overrides=[
-            "learner.zero_stage=2",
+            f"learner.zero_stage={stage}",
+            f"learner.logprob_chunk_tokens={chunk}",
             "learner.lr=1e-3",
             "learner.updates_per_step=1",
             # Below any sample: one micro-batch each, so the ranks (2 and 4 samples) must
