@@ -51,14 +51,26 @@ class AlgoConfig:
     dual_clip_c: float | None = 3.0
     kl_coef: float = 1e-2
     kl_estimator: str = "low_var_kl"
+    # Correction for tokens sampled by a policy other than the learner's (vLLM numerics,
+    # async staleness): weights from pi_old / mu on each token's surrogate (ROLLOUT_CORRECTIONS
+    # in mapo_ray.algo.losses). "auto": "tis" in async mode or with vLLM rollouts, else
+    # "none" (resolve_rollout_correction). The cap C (verl's default, and TRL's for TIS: 2).
+    rollout_correction: Literal["auto", "none", "tis", "seq_tis", "mask", "decoupled"] = "auto"
+    rollout_correction_cap: float = 2.0
 
     def __post_init__(self) -> None:
         # Imported here so that config has no import-time dependency on torch.
-        from mapo_ray.algo import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES
+        from mapo_ray.algo import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES, ROLLOUT_CORRECTIONS
 
         ADVANTAGE_ESTIMATORS.check(self.estimator, key="algo.estimator")
         POLICY_LOSSES.check(self.policy_loss, key="algo.policy_loss")
         KL_ESTIMATORS.check(self.kl_estimator, key="algo.kl_estimator")
+        if self.rollout_correction not in ("auto", "none"):
+            ROLLOUT_CORRECTIONS.check(self.rollout_correction, key="algo.rollout_correction")
+        # Above 1 for every correction: a cap <= 1 would only ever shrink (tis, seq_tis,
+        # decoupled) or leave an empty band [1/C, C] (mask). Checked even when unused.
+        if not 1.0 < self.rollout_correction_cap < float("inf"):
+            raise ValueError(f"algo.rollout_correction_cap must be a finite number > 1, got {self.rollout_correction_cap}")
 
 
 @dataclass
@@ -419,6 +431,17 @@ class Config:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+
+
+def resolve_rollout_correction(config: Config) -> str:
+    """The rollout correction ``config`` trains with: ``algo.rollout_correction``, with "auto"
+    resolved to "tis" when ``trainer.mode`` is "async" or ``rollout.engine`` is "vllm"
+    (the sampler's policy differs from the learner's), else "none" (on-policy HF
+    rollouts: same weights, and on CPU the same numerics)."""
+    choice = config.algo.rollout_correction
+    if choice != "auto":
+        return choice
+    return "tis" if config.trainer.mode == "async" or config.rollout.engine == "vllm" else "none"
 
 
 # The paper's algorithm settings (shared/DESIGN.md); its batch, lengths and sampling are

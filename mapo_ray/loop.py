@@ -432,12 +432,21 @@ def rollout_batch(
     side.ledger.record(step, scored)
 
     batch = to_experiences(groups, results, prompts, threshold)
-    stale = side.sync.version - min(e.weight_version for e in batch)
+    metrics.update(staleness_metrics(side.sync.version, [e.weight_version for e in batch]))
+    stale = int(metrics["rollout/staleness"])
     limit = trainer.max_staleness if trainer.mode == "async" else 0
     if stale > limit:
         raise RuntimeError(f"step {step}: a sample is {stale} weight versions old; the bound is {limit}")
-    metrics["rollout/staleness"] = float(stale)
     return batch
+
+
+def staleness_metrics(learner_version: int, sample_versions: Sequence[int]) -> dict[str, float]:
+    """``rollout/staleness`` (the oldest sample's: learner version minus the version that sampled
+    it) and ``rollout/staleness_mean`` (over samples; they differ when a batch mixes versions,
+    e.g. DAPO's extra rounds in async mode). ``learner_version`` is the version the learner
+    holds before this step's update (the last one sent to the actors)."""
+    ages = [learner_version - v for v in sample_versions]
+    return {"rollout/staleness": float(max(ages)), "rollout/staleness_mean": statistics.fmean(ages)}
 
 
 def _launch_next(step: int, config: Config, side: RolloutSide, salt: int = 0) -> Launch:

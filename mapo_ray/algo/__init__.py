@@ -12,6 +12,7 @@ from mapo_ray.algo.advantage import (
 from mapo_ray.algo.losses import (
     KL_ESTIMATORS,
     POLICY_LOSSES,
+    ROLLOUT_CORRECTIONS,
     aggregate_loss,
     compute_policy_loss,
     dapo_group_filter,
@@ -24,6 +25,7 @@ __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "KL_ESTIMATORS",
     "POLICY_LOSSES",
+    "ROLLOUT_CORRECTIONS",
     "AdvantageDiagnostics",
     "GroupStats",
     "advantage_diagnostics",

@@ -28,7 +28,7 @@ from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, PreTrainedModel
 
 from mapo_ray.algo import compute_advantages, compute_policy_loss, expand_to_tokens
-from mapo_ray.config import Config
+from mapo_ray.config import Config, resolve_rollout_correction
 from mapo_ray.learner.collate import PolicyInputs, VisionInput, collate, encode_images
 from mapo_ray.learner.deepspeed_setup import build_policy_engine, build_reference, load_model
 from mapo_ray.learner.experience import Experience, split_minibatches, token_budget_micro_batches
@@ -67,6 +67,8 @@ class Learner:
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.step = 0  # completed ``update`` calls
+        # "none", or the correction whose weights (pi_old / mu) enter every policy loss.
+        self.rollout_correction = resolve_rollout_correction(config)
         cfg = config.learner
         temperature = config.rollout.temperature
 
@@ -205,6 +207,14 @@ class Learner:
         before the update), ``actor/grad_norm`` (mean of the pre-clip norms),
         ``actor/lr`` (of the last step) and ``actor/rollout_logprob_abs_diff`` (token
         mean of |learner - sampler| log-prob before the update).
+
+        With a rollout correction (``rollout_correction`` is not "none", see
+        ``resolve_rollout_correction``) the sampler's log-probs (``response_logprobs``,
+        the behaviour policy mu) enter the loss: each token's surrogate is weighted by
+        a function of pi_old / mu, pi_old being the old log-probs above (the proximal
+        policy, also in the single-step path). Its metrics are token means over the
+        update: ``actor/rollout_is_weight_mean`` and ``actor/rollout_is_truncated_frac``
+        (``actor/rollout_is_masked_frac`` for "mask").
         """
         cfg = self.config.learner
         if advantages.shape != (len(batch),):
@@ -229,13 +239,21 @@ class Learner:
         mask = _response_mask(batch, old_log_probs.shape[1], self.device)
         sampler = torch.zeros_like(old_log_probs)
         sampler[mask] = torch.tensor([p for e in batch for p in e.response_logprobs], device=self.device)
+        behaviour = None if self.rollout_correction == "none" else sampler
 
         sums: dict[str, float] = {}
         grad_norms, lr = [], 0.0
         for _ in range(cfg.ppo_epochs):
             for minibatch in minibatches:
                 step_sums, grad_norm, lr = self._optimizer_step(
-                    batch, vision, minibatch, advantages, old_log_probs, ref_log_probs, entropy if single_step else None
+                    batch,
+                    vision,
+                    minibatch,
+                    advantages,
+                    old_log_probs,
+                    ref_log_probs,
+                    entropy if single_step else None,
+                    behaviour_log_probs=behaviour,
                 )
                 grad_norms.append(grad_norm)
                 for name, value in step_sums.items():
@@ -266,11 +284,14 @@ class Learner:
         old_log_probs: torch.Tensor,
         ref_log_probs: torch.Tensor | None,
         fill_entropy: torch.Tensor | None = None,
+        behaviour_log_probs: torch.Tensor | None = None,
     ) -> tuple[dict[str, float], float, float]:
         """Forward/backward every micro-batch of ``minibatch`` (indices into ``batch``), then step.
 
         With ``fill_entropy`` (N, L), the update's only step: each forward first writes its
         detached log-probs into ``old_log_probs`` and its entropies into ``fill_entropy``.
+        With ``behaviour_log_probs`` (N, L), the sampler's, the loss applies the rollout
+        correction ``self.rollout_correction`` (after that write: the weights use pi_old).
 
         Returns this rank's metric sums (each loss metric times its micro-batch's share
         of the global loss, each other metric times its micro-batch's tokens, and
@@ -307,6 +328,8 @@ class Learner:
                 inputs.response_mask,
                 None if ref_log_probs is None else ref_log_probs[index, :width],
                 norm_length=self.config.rollout.max_new_tokens,
+                behaviour_log_prob=None if behaviour_log_probs is None else behaviour_log_probs[index, :width],
+                rollout_correction=self.rollout_correction,
             )
             if rows and not torch.isfinite(loss):
                 nonfinite_groups.update(batch[i].group_id for i in rows)

@@ -72,6 +72,7 @@ RAY_METRICS: tuple[RayMetricSpec, ...] = (
     RayMetricSpec("response/length_mean", "Mean response length in tokens"),
     RayMetricSpec("response/clipped_frac", "Fraction of responses cut off at the token limit"),
     RayMetricSpec("rollout/staleness", "Weight versions between the policy and the oldest sample it trains on"),
+    RayMetricSpec("rollout/staleness_mean", "Weight versions between the policy and its samples, mean over the batch"),
     RayMetricSpec("rollout/restarts", "Rollout actors restarted (and their prompts re-issued) in the step"),
     RayMetricSpec("dynamic_sampling/extra_rounds", "Extra rollout rounds DAPO's dynamic sampling took"),
     RayMetricSpec("dynamic_sampling/kept_groups", "Groups kept by DAPO's dynamic sampling"),
@@ -93,6 +94,9 @@ RAY_METRICS: tuple[RayMetricSpec, ...] = (
     RayMetricSpec("actor/pg_loss", "Policy-gradient loss"),
     RayMetricSpec("actor/approx_kl", "Approximate KL between the sampling and the updated policy"),
     RayMetricSpec("actor/rollout_logprob_abs_diff", "Mean |learner - sampler| log-probability of the rollout tokens"),
+    RayMetricSpec("actor/rollout_is_weight_mean", "Mean rollout-correction weight on the response tokens (pi_old / mu based)"),
+    RayMetricSpec("actor/rollout_is_truncated_frac", "Fraction of response tokens whose rollout-correction weight hit the cap"),
+    RayMetricSpec("actor/rollout_is_masked_frac", "Fraction of response tokens dropped by the rollout-correction mask"),
     RayMetricSpec("actor/grad_norm", "Gradient norm before clipping"),
     RayMetricSpec("actor/lr", "Learning rate"),
     # The supervised warm-start before RL (logged with step 1).

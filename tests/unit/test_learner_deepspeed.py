@@ -6,6 +6,8 @@ images; the process is a torch.distributed world of one (gloo).
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -375,3 +377,62 @@ def test_export_hf_loads_with_from_pretrained(batch, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert tokenizer.convert_tokens_to_ids(IMAGE_PAD) == model.config.image_token_id
     assert AutoImageProcessor.from_pretrained(tmp_path / "hf").merge_size == 2
+
+
+# ------------------------------------------------------------------- rollout corrections
+
+
+def _with_behaviour(batch: list[Experience], log_probs: torch.Tensor, shift: float = 0.0) -> list[Experience]:
+    """``batch`` with each response's sampler log-probs replaced by ``log_probs`` (N, L) + ``shift``."""
+    return [
+        dataclasses.replace(e, response_logprobs=(log_probs[row, : len(e.response_ids)] + shift).tolist())
+        for row, e in enumerate(batch)
+    ]
+
+
+@pytest.mark.parametrize("correction", ["tis", "seq_tis", "mask", "decoupled"])
+def test_a_correction_with_the_learners_own_behaviour_log_probs_changes_nothing(correction, batch):
+    """mu = pi_old: the weights are exactly 1, so the update equals one without correction,
+    bit for bit, in the two-pass update (where pi_old comes from the same pass as mu here);
+    a behaviour policy that differs does change the step (the term is wired in)."""
+    settings = ["learner.zero_stage=0", "learner.updates_per_step=2"]
+    plain = Learner(_config(*settings, "algo.rollout_correction=none"), tiny_vl_path())
+    corrected = Learner(_config(*settings, f"algo.rollout_correction={correction}"), tiny_vl_path())
+    shifted = Learner(_config(*settings, f"algo.rollout_correction={correction}"), tiny_vl_path())
+    assert (plain.rollout_correction, corrected.rollout_correction) == ("none", correction)
+    own, _ = plain.compute_log_probs(batch)
+    same = _with_behaviour(batch, own)
+    advantages = plain.advantages(same)
+    metrics_plain = plain.update(same, advantages)
+    metrics = corrected.update(same, advantages)
+    assert metrics["actor/rollout_is_weight_mean"] == 1.0
+    assert metrics["actor/rollout_logprob_abs_diff"] == 0.0
+    for name, value in metrics_plain.items():
+        assert metrics[name] == value, name
+    params_plain, params_corrected = _params(plain), _params(corrected)
+    for name, value in params_plain.items():
+        assert torch.equal(params_corrected[name], value), name
+    # The sampler gave every token a log-prob 1.0 higher: pi_old / mu = e^-1, outside the
+    # band of cap 2 (mask drops every token; the others weight by e^-1 or less).
+    metrics_shifted = shifted.update(_with_behaviour(batch, own, shift=1.0), advantages)
+    assert metrics_shifted["actor/rollout_is_weight_mean"] < 0.5
+    params_shifted = _params(shifted)
+    assert any(not torch.equal(params_shifted[n], params_plain[n]) for n in params_plain)
+
+
+def test_the_single_step_path_takes_pi_old_from_its_own_forward_with_a_correction(batch):
+    """One optimizer step: pi_old is the step's own detached forward; with the learner's own
+    log-probs as mu the weights are 1 up to float noise between two forwards."""
+    plain = Learner(_config("learner.zero_stage=0", "algo.rollout_correction=none"), tiny_vl_path())
+    corrected = Learner(_config("learner.zero_stage=0", "algo.rollout_correction=tis"), tiny_vl_path())
+    assert corrected.single_step
+    own, _ = plain.compute_log_probs(batch)
+    same = _with_behaviour(batch, own)
+    advantages = plain.advantages(same)
+    plain.update(same, advantages)
+    metrics = corrected.update(same, advantages)
+    assert metrics["actor/rollout_is_weight_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert metrics["actor/rollout_is_truncated_frac"] == 0.0
+    params_plain, params_corrected = _params(plain), _params(corrected)
+    for name, value in params_plain.items():
+        torch.testing.assert_close(params_corrected[name], value, atol=1e-3 / 20, rtol=0, msg=name)
