@@ -12,12 +12,14 @@ from mapo_ray.algo.advantage import (
 from mapo_ray.algo.losses import (
     KL_ESTIMATORS,
     POLICY_LOSSES,
+    PolicyLossSettings,
     aggregate_loss,
     compute_policy_loss,
     dapo_group_filter,
     entropy_from_logits,
     masked_mean,
     overlong_penalty,
+    policy_loss_settings,
 )
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "KL_ESTIMATORS",
     "POLICY_LOSSES",
     "AdvantageDiagnostics",
+    "PolicyLossSettings",
     "GroupStats",
     "advantage_diagnostics",
     "aggregate_loss",
@@ -36,4 +39,5 @@ __all__ = [
     "group_stats",
     "masked_mean",
     "overlong_penalty",
+    "policy_loss_settings",
 ]

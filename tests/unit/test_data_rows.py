@@ -158,3 +158,28 @@ def test_an_unexpected_error_stops_the_batch_naming_the_row():
 
     with pytest.raises(RuntimeError, match="row f#0 failed: KeyError"):
         prepare_table(raw_table(), broken, passthrough=["id", "choices"])
+
+
+def test_prompt_tokens_count_each_image_as_its_merged_vision_tokens():
+    from mapo_ray.data.rows import prompt_tokens
+
+    images = [np.zeros((56, 84, 3), np.uint8), np.zeros((28, 28, 3), np.uint8)]
+    # "a <pad> b <pad>" is 4 words; the pads become 2 * 3 = 6 and 1 * 1 = 1 tokens.
+    assert prompt_tokens("a <pad> b <pad>", images, lambda text: len(text.split())) == 4 - 2 + 6 + 1
+
+
+def test_a_prompt_over_max_prompt_tokens_is_a_counted_skip():
+    from mapo_ray.data.rows import check_prompt_length
+
+    words = lambda text: len(text.split())  # noqa: E731
+    prepared = ("one two three <pad>", [np.zeros((56, 56, 3), np.uint8)], "4")  # 3 + 4 image tokens
+    assert check_prompt_length(prepared, words, None) is prepared
+    assert check_prompt_length(prepared, words, 7) is prepared
+    with pytest.raises(RowSkip, match=r"7 tokens with its 1 image\(s\), over data.max_prompt_tokens \(6\)") as info:
+        check_prompt_length(prepared, words, 6)
+    assert info.value.reason == "prompt_too_long"
+    # Marked in place by prepare_table like every other skip, so the consumer counts it.
+    table = pa.table({"uid": ["f#0"]})
+    out = prepare_table(table, lambda row: check_prompt_length(prepared, words, 6), passthrough=())
+    kept, skipped = drop_skipped(out)
+    assert kept.num_rows == 0 and [reason for reason, _, _ in skipped] == ["prompt_too_long"]
