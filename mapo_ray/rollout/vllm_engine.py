@@ -2,11 +2,15 @@
 
 - Requests are ``{"prompt": text, "multi_modal_data": {"image": [...]}}``: vLLM's own
   Qwen2.5-VL processor widens each ``<|image_pad|>`` for its image.
-- ``SamplingParams(n=G, logprobs=0)`` returns the sampled token's log-probability, and
-  ``logprobs_mode="processed_logprobs"`` makes it the log-probability under the
-  temperature- and top-p-processed distribution, the one the token was drawn from
-  (``mapo_ray.rollout.sampling``). Each prompt gets its own seed, derived from the batch
-  seed; vLLM gives sample i of a prompt that seed + i.
+- ``SamplingParams(n=G, logprobs=0)`` returns the sampled token's log-probability under
+  the engine's ``logprobs_mode``: "raw_logprobs" (the default; the model's own softmax)
+  is the recorded definition of ``mapo_ray.rollout.sampling`` (temperature-scaled, no
+  top-p cut) exactly when the training temperature is 1 and for greedy decoding;
+  ``make_engine`` passes ``sampling.vllm_logprobs_mode(rollout.temperature)``, which falls
+  back to "processed_logprobs" (temperature and top-p applied) at other temperatures,
+  since no vLLM mode gives a temperature-scaled, untruncated value (see that module).
+  Each prompt gets its own seed, derived from the batch seed; vLLM gives sample i of a
+  prompt that seed + i.
 - Weights change in place inside vLLM's workers through ``WeightSyncExtension``
   (``worker_extension_cls``) and ``LLM.collective_rpc``; the prefix cache is reset
   afterwards so no KV block computed with old weights is reused. RPC arguments are
@@ -56,6 +60,8 @@ class VLLMEngine:
         enforce_eager: no CUDA graphs / torch.compile (faster start, slower decode).
         sleep_between_rollouts: sleep after each ``generate`` (see the module docstring).
         seed: vLLM's engine seed (unseeded requests draw from it).
+        logprobs_mode: which log-probability vLLM reports for each sampled token
+            (``sampling.vllm_logprobs_mode``; "raw_logprobs" is exact at temperature 1).
     """
 
     def __init__(
@@ -69,6 +75,7 @@ class VLLMEngine:
         enforce_eager: bool = False,
         sleep_between_rollouts: bool = False,
         seed: int = 0,
+        logprobs_mode: str = "raw_logprobs",
     ) -> None:
         import vllm
 
@@ -82,7 +89,7 @@ class VLLMEngine:
             enforce_eager=enforce_eager,
             enable_sleep_mode=sleep_between_rollouts,
             seed=seed,
-            logprobs_mode="processed_logprobs",
+            logprobs_mode=logprobs_mode,
             worker_extension_cls=WORKER_EXTENSION,
         )
         self._tokenizer = self._llm.get_tokenizer()
