@@ -573,10 +573,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # The paper's recipe scaled to one 80 GB GPU (H100; an H200 has room to spare): the
     # smallest Qwen2.5-VL, its learner and one vLLM actor sharing the GPU. vLLM sleeps
-    # while the learner trains, so the two peaks do not add up: the learner's (3B policy,
-    # fp32 AdamW over the ~3.1B text parameters, checkpointed activations) is ~65 GiB, and
-    # generation needs vLLM's 0.3 of the GPU (24.5 GiB) beside the learner's ~44.5 GiB of
-    # weights and optimizer states: 69 GiB (python -m mapo_ray.plan).
+    # while the learner trains, so the two peaks do not add up (python -m mapo_ray.plan):
+    # - update, 66 GiB: the learner's peak (3B policy, fp32 AdamW over the ~3.1B text
+    #   parameters, checkpointed activations) beside sleeping vLLM's 1.5 GiB of context;
+    # - weight sync, 53 GiB: vLLM wakes its 7 GiB of weights alone (the "weights" tag),
+    #   beside the learner's ~44.5 GiB of weights and optimizer states; its KV cache stays
+    #   released until it generates;
+    # - generation, 69 GiB, the peak: vLLM's 0.3 of the GPU (24.5 GiB) beside those states.
+    # That peak holds only because the learner empties torch's CUDA cache after each update
+    # and warm-start step (Learner.release_cached_memory): vLLM allocates outside it, and the
+    # ~20 GiB the update cached would otherwise stay taken while vLLM wakes.
     "geo3k-qwen25vl-3b-1gpu": {
         # A frozen reference (7.5 GB more) does not fit beside the rest on 80 GB.
         "algo": {**_PAPER_ALGO, "kl_coef": 0.0},

@@ -218,7 +218,8 @@ class Learner:
         ``actor/approx_kl`` (means over the update), ``actor/entropy`` (token mean
         before the update), ``actor/grad_norm`` (mean of the pre-clip norms),
         ``actor/lr`` (of the last step) and ``actor/rollout_logprob_abs_diff`` (token
-        mean of |learner - sampler| log-prob before the update).
+        mean of |learner - sampler| log-prob before the update). On CUDA the cached
+        memory is released afterwards (``release_cached_memory``).
         """
         cfg = self.config.learner
         if advantages.shape != (len(batch),):
@@ -260,6 +261,7 @@ class Learner:
         sums["tokens"] = float(mask.sum())
         totals = self._sum_over_ranks(sums)
         self.step += 1
+        self.release_cached_memory()
 
         metrics = {"actor/grad_norm": sum(grad_norms) / steps, "actor/lr": lr}
         tokens = totals.pop("tokens")
@@ -421,7 +423,18 @@ class Learner:
             for group, value in zip(optimizer.param_groups, scheduled):
                 group["lr"] = value
         loss = self._sum_over_ranks({"nll": nll_sum})["nll"] / total_tokens
+        self.release_cached_memory()
         return {"sft/loss": loss, "sft/tokens": float(local)}
+
+    def release_cached_memory(self) -> None:
+        """Hand the CUDA blocks torch's allocator keeps cached (the update's activations,
+        logits chunks and gradients buckets) back to the driver; a no-op off CUDA.
+
+        Called after each update and warm-start step: a rollout actor sharing the GPU
+        (vLLM allocates outside this process's cache) then finds that memory free when it
+        wakes, and the GPU holds only the learner's resident states between updates."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     # ----------------------------------------------------------------- weights and checkpoints
 

@@ -17,8 +17,11 @@
   sent pickled (or as a safetensors blob): vLLM's RPC encoding would turn the sync
   dataclasses into plain dicts.
 - With ``sleep_between_rollouts`` the engine sleeps (level 1: weights offloaded to host
-  memory, KV cache freed) after each ``generate`` and wakes before the next use, leaving
-  the GPU to the learner in between. vLLM supports this on CUDA only.
+  memory, KV cache freed) after each ``generate``, leaving the GPU to the learner in
+  between, and wakes by parts (``LLM.wake_up(tags=...)``, tags "weights" and
+  "kv_cache"): a weight update wakes the weights alone, and the KV cache is allocated
+  again only when the engine generates, so a sync on a shared GPU never holds the KV
+  cache beside the learner's states. vLLM supports sleeping on CUDA only.
 
 vLLM is imported when an engine is built, so this module imports without vLLM. The
 worker side needs ``mapo_ray`` importable in vLLM's worker processes.
@@ -45,6 +48,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "mapo_ray.rollout.vllm_worker.WeightSyncExtension"
+
+
+# vLLM's sleep-mode memory tags (LLM.wake_up(tags=...)), in the order they are woken.
+_SLEEP_TAGS: tuple[str, ...] = ("weights", "kv_cache")
 
 
 class VLLMEngine:
@@ -95,7 +102,7 @@ class VLLMEngine:
         self._tokenizer = self._llm.get_tokenizer()
         self.sync_ranks = tensor_parallel_size
         self._sleep_between_rollouts = sleep_between_rollouts
-        self._asleep = False
+        self._asleep: set[str] = set()  # vLLM's sleep tags not woken yet
         self._weight_version: int | None = 0
 
     @property
@@ -103,16 +110,23 @@ class VLLMEngine:
         return self._weight_version
 
     def sleep(self) -> None:
-        """Free the GPU: weights to host memory, KV cache dropped. No-op when asleep."""
-        if not self._asleep:
-            self._llm.sleep(level=1)
-            self._asleep = True
+        """Free the GPU: weights to host memory, KV cache dropped. No-op when asleep.
 
-    def wake_up(self) -> None:
-        """Undo ``sleep``. No-op when awake."""
-        if self._asleep:
-            self._llm.wake_up()
-            self._asleep = False
+        A part still asleep is woken first: vLLM wants every tag awake before the
+        engine is used again, sleeping included."""
+        if self._asleep == set(_SLEEP_TAGS):
+            return
+        self.wake_up()
+        self._llm.sleep(level=1)
+        self._asleep = set(_SLEEP_TAGS)
+
+    def wake_up(self, tags: Sequence[str] = _SLEEP_TAGS) -> None:
+        """Undo ``sleep`` for ``tags`` ("weights", "kv_cache"; default both). No-op for
+        parts already awake. Weights are woken before the KV cache."""
+        for tag in _SLEEP_TAGS:  # in vLLM's order: weights first
+            if tag in tags and tag in self._asleep:
+                self._llm.wake_up(tags=[tag])
+                self._asleep.discard(tag)
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[Group]:
         """Sample ``params.n`` responses for each of the B ``prompts``; one group per prompt, in order."""
@@ -192,7 +206,8 @@ class VLLMEngine:
         return plan.version
 
     def _update(self, version: int, method: str, payload: bytes) -> None:
-        self.wake_up()
+        # The weights alone: the KV cache waits, released, for the next generate.
+        self.wake_up(["weights"])
         self._weight_version = None
         self._llm.collective_rpc(method, args=(payload,))
         # KV blocks of cached prefixes were computed with the old weights.

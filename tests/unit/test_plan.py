@@ -222,6 +222,9 @@ def test_the_one_gpu_preset_sums_the_shared_gpu():
     # vLLM sleeps while the learner trains; a rollout meets the learner's resident states.
     assert plan.shared.phases["update"] == learner.total + rollout.resident
     assert plan.shared.phases["rollout"] == rollout.total + learner.resident
+    # A weight sync wakes vLLM's weights alone: below the rollout phase by the KV cache.
+    assert plan.shared.phases["sync"] == rollout.resident + rollout.parts["weights"] + learner.resident
+    assert plan.shared.phases["sync"] < plan.shared.phases["rollout"] - rollout.parts["kv_cache"] + 1
     assert rollout.resident < rollout.total and learner.resident < learner.total
     awake = _plan("geo3k-qwen25vl-3b-1gpu", "rollout.sleep_between_rollouts=false", shape=plan.shape)
     assert awake.shared.phases["update"] == awake.learner.total + awake.rollout.total
