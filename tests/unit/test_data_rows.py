@@ -183,3 +183,47 @@ def test_a_prompt_over_max_prompt_tokens_is_a_counted_skip():
     out = prepare_table(table, lambda row: check_prompt_length(prepared, words, 6), passthrough=())
     kept, skipped = drop_skipped(out)
     assert kept.num_rows == 0 and [reason for reason, _, _ in skipped] == ["prompt_too_long"]
+
+
+def test_prepare_prompts_skips_rows_over_max_prompt_tokens_with_the_real_tokenizer():
+    """PreparePrompts (the Ray Data actor's class, called directly) counts the templated
+    prompt's tokens with the image's merged vision tokens, and marks longer rows."""
+    import pyarrow.fs as pafs
+
+    from mapo_ray.data.pipeline import PreparePrompts
+    from mapo_ray.data.rows import FILE_COLUMN
+    from mapo_ray.models.tiny import tiny_vl_path
+
+    image = png(112, 56)  # resized within BUDGET to 112 x 56: 8 merged vision tokens
+    rows = pa.table(
+        {
+            "uid": ["f#0", "f#1"],
+            FILE_COLUMN: ["/data/f.parquet"] * 2,
+            "images": [[image], [image]],
+            "problem": ["<image>Find x.", "<image>" + " Find x." * 40],
+            "answer": ["3", "4"],
+        }
+    )
+
+    def prepared(limit):
+        actor = PreparePrompts(
+            tokenizer_path=str(tiny_vl_path()),
+            layout="geo3k",
+            budget=BUDGET,
+            filesystem=pafs.LocalFileSystem(),
+            passthrough=(),
+            max_prompt_tokens=limit,
+        )
+        return actor(rows)
+
+    kept, skipped = drop_skipped(prepared(None))
+    assert kept.num_rows == 2 and not skipped
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_vl_path())
+    short = len(tokenizer.encode(kept["prompt"][0].as_py(), add_special_tokens=False)) - 1 + 8
+    kept, skipped = drop_skipped(prepared(short))
+    assert kept["uid"].to_pylist() == ["f#0"]
+    assert [(reason, uid) for reason, uid, _ in skipped] == [("prompt_too_long", "f#1")]
+    kept, skipped = drop_skipped(prepared(short - 1))
+    assert kept.num_rows == 0 and len(skipped) == 2
