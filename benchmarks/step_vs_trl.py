@@ -165,7 +165,11 @@ def run_trl(args: argparse.Namespace, out: Path) -> None:
     processor = ImageOnlyQwen2_5_VLProcessor(
         AutoImageProcessor.from_pretrained(model_path), tokenizer, chat_template=tokenizer.chat_template
     )
+    from mapo_ray.algo import policy_loss_settings
+
     rollout, learner, algo, trainer = config.rollout, config.learner, config.algo, config.trainer
+    # The clip ratios mapo-ray trains with (algo.clip_ratio_* null: the policy loss's own).
+    clips = policy_loss_settings(algo)
     grpo = GRPOConfig(
         output_dir=str(out.parent / "trl-output"),
         use_cpu=True,
@@ -192,8 +196,8 @@ def run_trl(args: argparse.Namespace, out: Path) -> None:
         max_grad_norm=learner.grad_clip,
         gradient_checkpointing=learner.gradient_checkpointing,
         beta=algo.kl_coef,
-        epsilon=algo.clip_ratio_low,
-        epsilon_high=algo.clip_ratio_high,
+        epsilon=clips.clip_low,
+        epsilon_high=clips.clip_high,
         scale_rewards="group",
         loss_type="dapo",
         use_vllm=False,

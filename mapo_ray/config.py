@@ -43,12 +43,15 @@ class AlgoConfig:
     eps: float = 1e-6
     success_threshold: float = 1.0
     policy_loss: str = "ppo"
-    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = (
-        "token-mean"
-    )
-    clip_ratio_low: float = 0.2
-    clip_ratio_high: float = 0.3
-    dual_clip_c: float | None = 3.0
+    # None: the chosen policy loss's own default (mapo_ray.algo.losses.policy_loss_settings):
+    # PPO 0.2 / 0.3, dual-clip 3.0, token-mean; GSPO 3e-4 / 4e-4, no dual clip,
+    # seq-mean-token-mean. dual_clip_c false: no dual clip whatever the loss.
+    loss_agg_mode: (
+        Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] | None
+    ) = None
+    clip_ratio_low: float | None = None
+    clip_ratio_high: float | None = None
+    dual_clip_c: float | Literal[False] | None = None
     kl_coef: float = 1e-2
     kl_estimator: str = "low_var_kl"
     # Correction for tokens sampled by a policy other than the learner's (vLLM numerics,
@@ -57,6 +60,12 @@ class AlgoConfig:
     # "none" (resolve_rollout_correction). The cap C (verl's default, and TRL's for TIS: 2).
     rollout_correction: Literal["auto", "none", "tis", "seq_tis", "mask", "decoupled"] = "auto"
     rollout_correction_cap: float = 2.0
+    # DAPO's soft overlong punishment, added to each reward before the advantages (success
+    # stays defined on the unshaped reward): 0 up to rollout.max_new_tokens - overlong_buffer_len
+    # response tokens, then down linearly to -overlong_penalty_factor at rollout.max_new_tokens.
+    # None: off. DAPO: a 4096-token buffer of 20480, factor 1.0.
+    overlong_buffer_len: int | None = None
+    overlong_penalty_factor: float = 1.0
 
     def __post_init__(self) -> None:
         # Imported here so that config has no import-time dependency on torch.
@@ -65,12 +74,29 @@ class AlgoConfig:
         ADVANTAGE_ESTIMATORS.check(self.estimator, key="algo.estimator")
         POLICY_LOSSES.check(self.policy_loss, key="algo.policy_loss")
         KL_ESTIMATORS.check(self.kl_estimator, key="algo.kl_estimator")
+        for name in ("clip_ratio_low", "clip_ratio_high"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 1:
+                raise ConfigError(f"algo.{name} must be in [0, 1) or null, got {value}")
+        if self.dual_clip_c is not False and self.dual_clip_c is not None and not self.dual_clip_c > 1:
+            raise ConfigError(f"algo.dual_clip_c must be > 1, false (off) or null, got {self.dual_clip_c}")
+        if not self.kl_coef >= 0 or self.kl_coef == float("inf"):
+            raise ConfigError(f"algo.kl_coef must be finite and >= 0, got {self.kl_coef}")
+        if not 0 < self.eps < float("inf"):
+            raise ConfigError(f"algo.eps must be finite and > 0, got {self.eps}")
+        if not 0 < self.success_threshold <= 1:
+            # Rewards are in [0, 1] (reward.accuracy_weight + reward.format_weight = 1).
+            raise ConfigError(f"algo.success_threshold must be in (0, 1], got {self.success_threshold}")
+        if self.overlong_buffer_len is not None and self.overlong_buffer_len <= 0:
+            raise ConfigError(f"algo.overlong_buffer_len must be positive or null, got {self.overlong_buffer_len}")
+        if not 0 <= self.overlong_penalty_factor < float("inf"):
+            raise ConfigError(f"algo.overlong_penalty_factor must be finite and >= 0, got {self.overlong_penalty_factor}")
         if self.rollout_correction not in ("auto", "none"):
             ROLLOUT_CORRECTIONS.check(self.rollout_correction, key="algo.rollout_correction")
         # Above 1 for every correction: a cap <= 1 would only ever shrink (tis, seq_tis,
         # decoupled) or leave an empty band [1/C, C] (mask). Checked even when unused.
         if not 1.0 < self.rollout_correction_cap < float("inf"):
-            raise ValueError(f"algo.rollout_correction_cap must be a finite number > 1, got {self.rollout_correction_cap}")
+            raise ConfigError(f"algo.rollout_correction_cap must be a finite number > 1, got {self.rollout_correction_cap}")
 
 
 @dataclass
@@ -105,8 +131,13 @@ class DataConfig:
     # Hub datasets: cache folder (None: huggingface_hub's default) and per-request timeout.
     hub_cache_dir: str | None = None
     hub_timeout_s: float = 10.0
+    # A row whose templated prompt, image tokens included, is longer than this many tokens is
+    # skipped and counted (data/skipped/prompt_too_long). None: no limit.
+    max_prompt_tokens: int | None = None
 
     def __post_init__(self) -> None:
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens <= 0:
+            raise ValueError(f"data.max_prompt_tokens must be positive or null, got {self.max_prompt_tokens}")
         positive = (
             "min_pixels",
             "max_pixels",
@@ -336,9 +367,11 @@ class LearnerConfig:
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"learner.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        for name in ("lr", "updates_per_step", "ppo_epochs", "micro_batch_tokens", "logprob_chunk_tokens"):
+        for name in ("updates_per_step", "ppo_epochs", "micro_batch_tokens", "logprob_chunk_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"learner.{name} must be positive, got {getattr(self, name)}")
+        if not 0 < self.lr < float("inf"):
+            raise ValueError(f"learner.lr must be finite and > 0, got {self.lr}")
         for name in ("weight_decay", "grad_clip", "lr_warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"learner.{name} must be >= 0, got {getattr(self, name)}")
@@ -356,7 +389,11 @@ class TrainerConfig:
 
     # A Hugging Face folder or hub id; "tiny-vl" is the tiny offline Qwen2.5-VL (mapo_ray.models).
     model: str = "Qwen/Qwen2.5-VL-7B-Instruct"
-    total_steps: int = 100
+    # The run's length: total_steps RL steps, or total_epochs passes over the train split
+    # (ceil(total_epochs * usable train rows / prompts_per_step) steps, counted when the run
+    # starts). Exactly one is set; set the other to null.
+    total_steps: int | None = 100
+    total_epochs: float | None = None
     # Prompts per rollout batch (each gives rollout.group_size responses); the paper: 512.
     prompts_per_step: int = 512
     # "on_policy": batch v+1 is sampled with the weights of step v. "async": the next batch
@@ -388,7 +425,16 @@ class TrainerConfig:
     max_failures: int = 0
 
     def __post_init__(self) -> None:
-        positive = ("total_steps", "prompts_per_step", "max_staleness", "num_learners", "cpus_per_learner")
+        if (self.total_steps is None) == (self.total_epochs is None):
+            raise ValueError(
+                "exactly one of trainer.total_steps and trainer.total_epochs must be set (the other null); "
+                f"got total_steps={self.total_steps}, total_epochs={self.total_epochs}"
+            )
+        if self.total_steps is not None and self.total_steps <= 0:
+            raise ValueError(f"trainer.total_steps must be positive, got {self.total_steps}")
+        if self.total_epochs is not None and not 0 < self.total_epochs < float("inf"):
+            raise ValueError(f"trainer.total_epochs must be finite and positive, got {self.total_epochs}")
+        positive = ("prompts_per_step", "max_staleness", "num_learners", "cpus_per_learner")
         for name in (*positive, "gpus_per_learner", "checkpoint_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"trainer.{name} must be positive, got {getattr(self, name)}")
@@ -397,6 +443,15 @@ class TrainerConfig:
                 raise ValueError(f"trainer.{name} must be >= 0, got {getattr(self, name)}")
         if self.eval_prompts is not None and self.eval_prompts <= 0:
             raise ValueError(f"trainer.eval_prompts must be positive or null, got {self.eval_prompts}")
+        if not 0 <= self.eval_temperature < float("inf"):
+            raise ValueError(f"trainer.eval_temperature must be finite and >= 0, got {self.eval_temperature}")
+        if not 0 < self.eval_top_p <= 1:
+            raise ValueError(f"trainer.eval_top_p must be in (0, 1], got {self.eval_top_p}")
+        if self.eval_max_new_tokens is not None and self.eval_max_new_tokens <= 0:
+            raise ValueError(
+                f"trainer.eval_max_new_tokens must be positive or null (rollout.max_new_tokens), "
+                f"got {self.eval_max_new_tokens}"
+            )
 
 
 @dataclass
@@ -432,6 +487,23 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
 
+    def __post_init__(self) -> None:
+        # Checks that span sections; each section has checked its own keys already.
+        from mapo_ray.algo import ADVANTAGE_ESTIMATORS
+
+        if self.algo.estimator in ADVANTAGE_ESTIMATORS and self.rollout.group_size < 2:
+            # Every registered estimator compares a response with the rest of its group.
+            raise ConfigError(
+                f"rollout.group_size must be >= 2 for the group estimator algo.estimator "
+                f"{self.algo.estimator!r}, got {self.rollout.group_size}"
+            )
+        buffer = self.algo.overlong_buffer_len
+        if buffer is not None and buffer > self.rollout.max_new_tokens:
+            raise ConfigError(
+                f"algo.overlong_buffer_len must be in [1, rollout.max_new_tokens = {self.rollout.max_new_tokens}], "
+                f"got {buffer}"
+            )
+
 
 def resolve_rollout_correction(config: Config) -> str:
     """The rollout correction ``config`` trains with: ``algo.rollout_correction``, with "auto"
@@ -444,33 +516,52 @@ def resolve_rollout_correction(config: Config) -> str:
     return "tis" if config.trainer.mode == "async" or config.rollout.engine == "vllm" else "none"
 
 
-# The paper's algorithm settings (shared/DESIGN.md); its batch, lengths and sampling are
-# the section defaults.
+# The paper's algorithm settings. Sources: the MAPO paper
+# (arXiv:2509.18849) and its released code (github.com/WenkeHuang/MAPO, EasyR1-based:
+# code/examples/config.yaml, code/verl/trainer/core_algos.py). Its batch, lengths and
+# sampling are the section defaults.
 _PAPER_ALGO: dict[str, Any] = {
     "estimator": "mapo",
+    # core_algos.py takes each group's sigma with torch.std: the unbiased 1/(G-1) form.
+    "std": "unbiased",
+    # The released actor defaults (code/verl/workers/actor/config.py): clip_ratio_low 0.2,
+    # clip_ratio_high 0.3, clip_ratio_dual 3.0, loss_avg_mode "token". The same values as
+    # PPO's own defaults (algo.* null), spelled out so that the preset does not move with them.
     "loss_agg_mode": "token-mean",
     "clip_ratio_low": 0.2,
     "clip_ratio_high": 0.3,
     "dual_clip_c": 3.0,
+    # config.yaml: algorithm.kl_coef 1.0e-2, kl_penalty low_var_kl, use_kl_loss true.
     "kl_coef": 1e-2,
     "kl_estimator": "low_var_kl",
 }
+# The released config's data and evaluation settings (code/examples/config.yaml).
+_PAPER_DATA: dict[str, Any] = {
+    # data.min_pixels 262144 (512 x 512) and data.max_pixels 4194304 (2048 x 2048).
+    "min_pixels": 262144,
+    "max_pixels": 4194304,
+    # data.max_prompt_length 2048 with filter_overlong_prompts true: longer prompts are dropped.
+    "max_prompt_tokens": 2048,
+}
+# trainer.val_freq 5.
+_PAPER_EVAL_EVERY = 5
 # Eight 80 GB GPUs on one node (k8s/raycluster.yaml), half learning and half generating,
 # each on GPUs of its own so neither waits for the other's memory: four ZeRO-3 learner
-# ranks hold the 7B policy, its reference and the AdamW states (~41 GiB a GPU, ~55 GiB at
-# the update's peak: python -m mapo_ray.plan); four vLLM actors (one GPU each) hold a bf16
+# ranks hold the 7B policy, its reference and the AdamW states (~41 GiB a GPU, ~63 GiB at
+# the update's peak with the paper's images of up to 4.2 MP: python -m mapo_ray.plan); four vLLM actors (one GPU each) hold a bf16
 # copy and a KV cache for 512 x 12 rollouts, and take the weights in one NCCL broadcast
 # inside the node. Reward and prompt actors need CPUs only, which Ray places off the GPU
 # node while CPU nodes have room.
 _EIGHT_GPUS: dict[str, Any] = {
-    "trainer": {"num_learners": 4, "cpus_per_learner": 8.0, "use_gpu": True, "eval_every": 10},
+    "trainer": {"num_learners": 4, "cpus_per_learner": 8.0, "use_gpu": True, "eval_every": _PAPER_EVAL_EVERY},
     "learner": {
         # Model states of 8.3B parameters at 20 bytes each: 37 GiB a rank sharded over 4
         # (ZeRO-2: 50 GiB, and the reference whole beside them).
         "zero_stage": 3,
-        # Activations of 16k tokens are 9.5 GiB checkpointed, 133 GiB without.
+        # Activations of 16k tokens (planned with one data.max_pixels image per 4096 tokens)
+        # are 17.9 GiB checkpointed, 240 GiB without.
         "gradient_checkpointing": True,
-        # 55 GiB of 80 at the peak; 32k tokens would be 64 GiB, little room for fragmentation.
+        # 63 GiB of 80 at the peak; 32k tokens would be 81 GiB, over.
         "micro_batch_tokens": 16384,
         # Two float32 copies of 512 x 152k logits: 0.6 GiB, plus 1 GiB of output-embedding gradient.
         "logprob_chunk_tokens": 512,
@@ -490,13 +581,31 @@ _EIGHT_GPUS: dict[str, Any] = {
 # Each preset is a nested dict applied over the defaults, exactly like a YAML file.
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's Geo3K set-up (shared/DESIGN.md).
-    "geo3k-qwen25vl-7b": {"algo": _PAPER_ALGO, **_EIGHT_GPUS},
+    "geo3k-qwen25vl-7b": {
+        "algo": _PAPER_ALGO,
+        **_EIGHT_GPUS,
+        "trainer": {
+            **_EIGHT_GPUS["trainer"],
+            # config.yaml: trainer.total_epochs 15, max_steps null (the released Geo3K launch
+            # script, qwen2_5_vl_7b_geo3k_grpo_our.sh, overrides it to 20). Geo3K train's 2101
+            # rows at 512 prompts a step: ceil(15 * 2101 / 512) = 62 steps.
+            "total_steps": None,
+            "total_epochs": 15.0,
+        },
+        "data": {**_EIGHT_GPUS["data"], **_PAPER_DATA},
+    },
     # The paper's recipe scaled to one 80 GB GPU (H100; an H200 has room to spare): the
     # smallest Qwen2.5-VL, its learner and one vLLM actor sharing the GPU. vLLM sleeps
-    # while the learner trains, so the two peaks do not add up: the learner's (3B policy,
-    # fp32 AdamW over the ~3.1B text parameters, checkpointed activations) is ~65 GiB, and
-    # generation needs vLLM's 0.3 of the GPU (24.5 GiB) beside the learner's ~44.5 GiB of
-    # weights and optimizer states: 69 GiB (python -m mapo_ray.plan).
+    # while the learner trains, so the two peaks do not add up (python -m mapo_ray.plan):
+    # - update, 66 GiB: the learner's peak (3B policy, fp32 AdamW over the ~3.1B text
+    #   parameters, checkpointed activations) beside sleeping vLLM's 1.5 GiB of context;
+    # - weight sync, 53 GiB: vLLM wakes its 7 GiB of weights alone (the "weights" tag),
+    #   beside the learner's ~44.5 GiB of weights and optimizer states; its KV cache stays
+    #   released until it generates;
+    # - generation, 69 GiB, the peak: vLLM's 0.3 of the GPU (24.5 GiB) beside those states.
+    # That peak holds only because the learner empties torch's CUDA cache after each update
+    # and warm-start step (Learner.release_cached_memory): vLLM allocates outside it, and the
+    # ~20 GiB the update cached would otherwise stay taken while vLLM wakes.
     "geo3k-qwen25vl-3b-1gpu": {
         # A frozen reference (7.5 GB more) does not fit beside the rest on 80 GB.
         "algo": {**_PAPER_ALGO, "kl_coef": 0.0},
@@ -549,6 +658,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         **_EIGHT_GPUS,
         "data": {
             **_EIGHT_GPUS["data"],
+            **_PAPER_DATA,
             "layout": "emoset",
             "train": "emoset/train.parquet",
             "test": "emoset/test.parquet",

@@ -730,9 +730,15 @@ def probe_model(model: str) -> Check:
 # ---------------------------------------------------------------- 9. disk
 
 
-def checkpoints_kept(total_steps: int, every: int, keep: int) -> int:
+def checkpoints_kept(total_steps: int | None, every: int, keep: int) -> int:
     """Checkpoints on disk at the peak: Ray Train writes a new one before it drops the
-    oldest of ``keep`` (0: keeps all); one every ``every`` steps and one at the end."""
+    oldest of ``keep`` (0: keeps all); one every ``every`` steps and one at the end.
+
+    ``total_steps`` None (a length in ``trainer.total_epochs``, whose steps are counted
+    only when the run opens its data): as many as a long run keeps, ``keep + 1``, or 1
+    when ``keep`` is 0 (keep all, a count the doctor cannot know)."""
+    if total_steps is None:
+        return keep + 1 if keep else 1
     written = total_steps // every + (1 if total_steps % every else 0)
     return written if keep == 0 else min(keep + 1, written)
 

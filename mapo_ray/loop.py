@@ -25,6 +25,8 @@ actors again. ``ledger.jsonl`` records which prompts each step scored.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import statistics
 import tempfile
 import time
@@ -480,7 +482,9 @@ def evaluate(config: Config, learner: Learner, side: RolloutSide, step: int) -> 
         n=1,
         temperature=trainer.eval_temperature,
         top_p=1.0 if greedy else trainer.eval_top_p,
-        max_new_tokens=trainer.eval_max_new_tokens or config.rollout.max_new_tokens,
+        max_new_tokens=(
+            config.rollout.max_new_tokens if trainer.eval_max_new_tokens is None else trainer.eval_max_new_tokens
+        ),
         stop=tuple(config.rollout.stop),
         seed=derive_seed(derive_seed(config.seed, _EVAL_SEED), step),
     )
@@ -543,6 +547,24 @@ def report(step: int, config: Config, learner: Learner, side: RolloutSide | None
         ray.train.report(headline, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
+def resolve_run_length(config: Config, train_rows: int | None = None) -> Config:
+    """``config`` with its run length in steps: unchanged when ``trainer.total_steps`` is set;
+    else ``trainer.total_steps = ceil(total_epochs * train_rows / prompts_per_step)`` and
+    ``total_epochs`` null, so that everything downstream reads one step count.
+
+    ``train_rows``: the rows of ``data.train`` (default: counted from its files' metadata,
+    which must already be resolved, e.g. by ``mapo_ray.job.resolve_inputs``). Rows the
+    pipeline skips (``data/skipped/*``) are counted here, as the epoch is read from them.
+    """
+    trainer = config.trainer
+    if trainer.total_epochs is None:
+        return config
+    if train_rows is None:
+        train_rows = open_split(config.data, "train").num_rows
+    steps = max(1, math.ceil(trainer.total_epochs * train_rows / trainer.prompts_per_step))
+    return dataclasses.replace(config, trainer=dataclasses.replace(trainer, total_steps=steps, total_epochs=None))
+
+
 def train(
     config: Config,
     *,
@@ -556,10 +578,15 @@ def train(
 
     Checkpoints go to ``run_dir/checkpoints``; Ray Train restores the newest one there
     after a worker failure, and when a job is started again on the same ``run_dir``.
+    A run length in ``trainer.total_epochs`` becomes steps here (``resolve_run_length``).
     """
     from ray.train.torch import TorchTrainer
 
+    epochs = config.trainer.total_epochs
+    config = resolve_run_length(config)
     trainer = config.trainer
+    if epochs is not None:
+        print(f"trainer.total_epochs {epochs}: {trainer.total_steps} steps of {trainer.prompts_per_step} prompts", flush=True)
     use_gpu = trainer.use_gpu if trainer.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     return TorchTrainer(
         train_loop_per_worker,

@@ -617,10 +617,14 @@ def plan_shared_gpu(learner: Component, rollout: Component, config: Config, gpu_
 
     Phases whose peaks coincide: during an update the learner's peak meets the actor's
     resident memory (asleep with ``rollout.sleep_between_rollouts``: only its context and
-    CUDA graphs; else its whole budget). During a rollout the actor's whole footprint
-    meets the learner's resident memory (weights, optimizer states, reference). A weight
-    sync wakes the whole engine before the new weights arrive, so it is the rollout
-    phase. In ``async`` mode rollouts run during updates: both peaks add up.
+    CUDA graphs; else its whole budget). The learner empties its CUDA cache after each
+    update, so what it held only for the update is free for the actor (which allocates
+    outside torch's cache). A weight sync of a sleeping vLLM engine wakes its weights
+    alone (``VLLMEngine`` wakes the ``"weights"`` tag; the KV cache stays released until
+    the next generation): the actor's resident memory and weights meet the learner's
+    resident memory. During a rollout the actor's whole footprint meets the learner's
+    resident memory (weights, optimizer states, reference); without sleep the sync is
+    part of that phase. In ``async`` mode rollouts run during updates: both peaks add up.
     """
     t, r = config.trainer, config.rollout
     if learner.capacity is None or rollout.capacity is None:
@@ -636,8 +640,12 @@ def plan_shared_gpu(learner: Component, rollout: Component, config: Config, gpu_
     }
     notes = {
         "update": "learner peak + rollout " + ("asleep" if r.sleep_between_rollouts else "awake"),
-        "rollout": "rollout (and weight sync) + learner weights, optimizer, reference",
+        "rollout": "rollout" + ("" if r.sleep_between_rollouts else " (and weight sync)")
+        + " + learner weights, optimizer, reference",
     }
+    if r.sleep_between_rollouts and r.engine == "vllm":
+        phases["sync"] = rollout.resident + rollout.parts["weights"] + learner.resident
+        notes["sync"] = "weight sync: vLLM's weights woken alone (no KV cache) + learner weights, optimizer, reference"
     if t.mode == "async":
         phases["async_overlap"] = learner.total + rollout.total
         notes["async_overlap"] = "trainer.mode async: a rollout runs during an update"

@@ -12,6 +12,7 @@ from mapo_ray.algo.advantage import (
 from mapo_ray.algo.losses import (
     KL_ESTIMATORS,
     POLICY_LOSSES,
+    PolicyLossSettings,
     ROLLOUT_CORRECTIONS,
     aggregate_loss,
     compute_policy_loss,
@@ -19,6 +20,7 @@ from mapo_ray.algo.losses import (
     entropy_from_logits,
     masked_mean,
     overlong_penalty,
+    policy_loss_settings,
 )
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "POLICY_LOSSES",
     "ROLLOUT_CORRECTIONS",
     "AdvantageDiagnostics",
+    "PolicyLossSettings",
     "GroupStats",
     "advantage_diagnostics",
     "aggregate_loss",
@@ -38,4 +41,5 @@ __all__ = [
     "group_stats",
     "masked_mean",
     "overlong_penalty",
+    "policy_loss_settings",
 ]

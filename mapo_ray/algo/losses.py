@@ -6,7 +6,9 @@ Shapes: N responses, L response tokens (right padded), V vocabulary entries.
 
 from __future__ import annotations
 
+import inspect
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Literal
 
 import torch
@@ -17,7 +19,7 @@ from mapo_ray.registry import Registry
 if TYPE_CHECKING:
     from mapo_ray.config import AlgoConfig
 
-AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 
 # exp() of a log-ratio beyond this overflows float32 and carries no signal.
 _MAX_LOG_RATIO = 20.0
@@ -37,13 +39,24 @@ def aggregate_loss(
     - ``token-mean``: mean over every unmasked token of the batch.
     - ``seq-mean-token-mean``: mean over tokens within each response, then over
       responses that have at least one token.
+    - ``seq-mean-token-sum``: each response's token sum, then the mean over responses
+      (verl's mode of that name).
     - ``seq-mean-token-sum-norm`` (Dr. GRPO): each response's token sum divided by
-      the constant ``norm_length`` (default L), then the mean over responses.
+      the constant ``norm_length`` (default L), then the mean over responses: Dr. GRPO's
+      ``masked_sum(loss, mask, constant_normalizer=generate_max_length)`` per response,
+      averaged over the batch (its reference code, oat), and recent verl's ``agg_loss``
+      (token sums divided by ``loss_scale_factor``, default the padded response length,
+      then by the global number of responses). The learner passes
+      ``rollout.max_new_tokens``, a constant for the whole run. Older verl divided the
+      batch's token sum by the padded length without the 1/N, which makes the step
+      grow with the batch size; that form is not used here.
     """
     mask = mask.to(loss_mat.dtype)
     if mode == "token-mean":
         return masked_mean(loss_mat, mask)
     token_sums = (loss_mat * mask).sum(-1)
+    if mode == "seq-mean-token-sum":
+        return token_sums.mean()
     if mode == "seq-mean-token-mean":
         lengths = mask.sum(-1)
         has_tokens = lengths > 0
@@ -89,13 +102,13 @@ def ppo_loss(
     response_mask: torch.Tensor,
     *,
     clip_low: float = 0.2,
-    clip_high: float = 0.2,
+    clip_high: float = 0.3,
     dual_clip_c: float | None = 3.0,
     agg_mode: AggMode = "token-mean",
     norm_length: float | None = None,
     weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Token-level PPO clipped surrogate with clip-higher and dual-clip.
+    """Token-level PPO clipped surrogate with clip-higher (DAPO) and dual-clip.
 
     Args: ``log_prob``, ``old_log_prob``, ``advantages``, ``response_mask``, all (N, L);
     ``weights`` (N, L), optional and without gradient: each token's (dual-)clipped
@@ -312,6 +325,40 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return log_z - (torch.softmax(logits, dim=-1) * logits).sum(-1)
 
 
+@dataclass(frozen=True)
+class PolicyLossSettings:
+    """The clip ratios, dual-clip constant (None: none) and aggregation a policy loss runs with."""
+
+    clip_low: float
+    clip_high: float
+    dual_clip_c: float | None
+    agg_mode: AggMode
+
+
+def policy_loss_settings(config: AlgoConfig) -> PolicyLossSettings:
+    """``config``'s settings for its ``policy_loss``: each key left null (None) takes that
+    loss's own default, the keyword default of its registered function (PPO: 0.2 / 0.3
+    with dual-clip 3.0 and token-mean; GSPO: 3e-4 / 4e-4, no dual clip,
+    seq-mean-token-mean). ``dual_clip_c`` false means no dual clip whatever the loss.
+    The one place these keys are resolved."""
+    defaults = {
+        name: param.default
+        for name, param in inspect.signature(POLICY_LOSSES.get(config.policy_loss)).parameters.items()
+        if param.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+
+    def pick(value, name):
+        return defaults[name] if value is None else value
+
+    dual = config.dual_clip_c
+    return PolicyLossSettings(
+        clip_low=pick(config.clip_ratio_low, "clip_low"),
+        clip_high=pick(config.clip_ratio_high, "clip_high"),
+        dual_clip_c=None if dual is False else pick(dual, "dual_clip_c"),
+        agg_mode=pick(config.loss_agg_mode, "agg_mode"),
+    )
+
+
 def compute_policy_loss(
     config: AlgoConfig,
     log_prob: torch.Tensor,
@@ -345,15 +392,16 @@ def compute_policy_loss(
             weights, correction_metrics = ROLLOUT_CORRECTIONS.get(name)(
                 old_log_prob, behaviour_log_prob, response_mask, cap=config.rollout_correction_cap
             )
+    settings = policy_loss_settings(config)
     pg_loss, metrics = policy_loss(
         log_prob,
         old_log_prob,
         advantages,
         response_mask,
-        clip_low=config.clip_ratio_low,
-        clip_high=config.clip_ratio_high,
-        dual_clip_c=config.dual_clip_c,
-        agg_mode=config.loss_agg_mode,
+        clip_low=settings.clip_low,
+        clip_high=settings.clip_high,
+        dual_clip_c=settings.dual_clip_c,
+        agg_mode=settings.agg_mode,
         norm_length=norm_length,
         weights=weights,
     )
@@ -366,7 +414,7 @@ def compute_policy_loss(
     kl = aggregate_loss(
         KL_ESTIMATORS.get(config.kl_estimator)(log_prob, ref_log_prob),
         response_mask,
-        config.loss_agg_mode,
+        settings.agg_mode,
         norm_length=norm_length,
     )
     metrics["kl"] = kl.detach()

@@ -19,6 +19,7 @@ SKIP_REASONS: tuple[str, ...] = (
     "placeholder_mismatch",  # number of <image> in the problem != number of images
     "missing_answer",  # answer null, empty or not a string
     "unknown_label",  # EmoSet label outside its eight emotions
+    "prompt_too_long",  # templated prompt, image tokens included, over data.max_prompt_tokens
 )
 
 

@@ -45,6 +45,7 @@ from mapo_ray.data.rows import (
     FILE_COLUMN,
     Batch,
     Prepared,
+    check_prompt_length,
     drop_skipped,
     emoset_as_geo3k,
     prepare_row,
@@ -100,6 +101,7 @@ def prompt_dataset(
             budget=pixel_budget(cfg),
             filesystem=source.filesystem,
             passthrough=source.passthrough,
+            max_prompt_tokens=cfg.max_prompt_tokens,
         ),
     )
 
@@ -120,11 +122,14 @@ class PreparePrompts:
         budget: PixelBudget,
         filesystem: pafs.FileSystem,
         passthrough: tuple[str, ...],
+        max_prompt_tokens: int | None = None,
     ) -> None:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         self._render = functools.partial(render_prompt, tokenizer)
+        self._count_tokens = lambda text: len(tokenizer.encode(text, add_special_tokens=False))
+        self._max_prompt_tokens = max_prompt_tokens
         self._layout = layout
         self._budget = budget
         self._filesystem = filesystem
@@ -137,7 +142,8 @@ class PreparePrompts:
         # Image paths in a row are relative to the file the row came from.
         read_file = functools.partial(read_file_bytes, self._filesystem, posixpath.dirname(row[FILE_COLUMN]))
         task_row = emoset_as_geo3k(row) if self._layout == "emoset" else row
-        return prepare_row(task_row, render=self._render, budget=self._budget, read_file=read_file)
+        prepared = prepare_row(task_row, render=self._render, budget=self._budget, read_file=read_file)
+        return check_prompt_length(prepared, self._count_tokens, self._max_prompt_tokens)
 
 
 class PromptBatches:

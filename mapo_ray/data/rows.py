@@ -43,6 +43,8 @@ EMOSET_COLUMNS: tuple[str, ...] = ("image", "emotion")
 OUTPUT_COLUMNS: tuple[str, ...] = ("uid", "prompt", "images", "answer", "skip_reason", "skip_detail")
 # Attached by the reader to each raw row: the full path of the file it came from.
 FILE_COLUMN = "_file"
+# Pixels of one merged vision token of Qwen2.5-VL (14-px patches merged 2 x 2).
+PIXELS_PER_IMAGE_TOKEN = 28 * 28
 
 
 def prepare_row(
@@ -79,6 +81,32 @@ def prepare_row(
         except RowSkip as skip:
             raise RowSkip(skip.reason, f"column 'images'[{index}]: {skip.detail}") from skip
     return render(problem), images, answer.strip()
+
+
+def prompt_tokens(prompt: str, images: Sequence[np.ndarray], count_tokens: Callable[[str], int]) -> int:
+    """Tokens of a prepared prompt as the model reads it: ``count_tokens(prompt)`` (one
+    ``<|image_pad|>`` per image) with each image's pad widened to its merged vision tokens,
+    one per 28 x 28 pixels of the image as resized (already on the 28-px grid)."""
+    vision = sum(image.shape[0] * image.shape[1] // PIXELS_PER_IMAGE_TOKEN for image in images)
+    return count_tokens(prompt) - len(images) + vision
+
+
+def check_prompt_length(
+    prepared: Prepared, count_tokens: Callable[[str], int], max_prompt_tokens: int | None
+) -> Prepared:
+    """``prepared`` unchanged, or ``RowSkip("prompt_too_long")`` when its ``prompt_tokens``
+    exceed ``max_prompt_tokens`` (None: no limit)."""
+    if max_prompt_tokens is None:
+        return prepared
+    prompt, images, _ = prepared
+    length = prompt_tokens(prompt, images, count_tokens)
+    if length > max_prompt_tokens:
+        raise RowSkip(
+            "prompt_too_long",
+            f"the templated prompt is {length} tokens with its {len(images)} image(s), "
+            f"over data.max_prompt_tokens ({max_prompt_tokens})",
+        )
+    return prepared
 
 
 def emoset_as_geo3k(row: Mapping[str, Any]) -> dict[str, Any]:

@@ -27,7 +27,13 @@ import torch.distributed as dist
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, PreTrainedModel
 
-from mapo_ray.algo import compute_advantages, compute_policy_loss, expand_to_tokens
+from mapo_ray.algo import (
+    compute_advantages,
+    compute_policy_loss,
+    expand_to_tokens,
+    overlong_penalty,
+    policy_loss_settings,
+)
 from mapo_ray.config import Config, resolve_rollout_correction
 from mapo_ray.learner.collate import PolicyInputs, VisionInput, collate, encode_images
 from mapo_ray.learner.deepspeed_setup import build_policy_engine, build_reference, load_model
@@ -99,7 +105,10 @@ class Learner:
         """(N,) float32 advantages of the whole rollout ``batch`` on this rank's device.
 
         ``config.algo`` picks the estimator; a sample's ``success`` of None means
-        ``reward >= algo.success_threshold``. Random estimators draw from a generator
+        ``reward >= algo.success_threshold``, on the reward as graded. With
+        ``algo.overlong_buffer_len`` set, DAPO's overlong penalty (``overlong_penalty``,
+        up to ``rollout.max_new_tokens``) is added to each reward before the estimator
+        sees it; success is not affected. Random estimators draw from a generator
         seeded by ``(seed, step)``, so every rank gets the same values.
         """
         algo = self.config.algo
@@ -109,6 +118,11 @@ class Learner:
             dtype=torch.bool,
             device=self.device,
         )
+        if algo.overlong_buffer_len is not None:
+            lengths = torch.tensor([len(e.response_ids) for e in batch], device=self.device)
+            scores = scores + overlong_penalty(
+                lengths, self.config.rollout.max_new_tokens, algo.overlong_buffer_len, algo.overlong_penalty_factor
+            ).to(torch.float64)
         generator = torch.Generator(device=self.device).manual_seed(derive_seed(self.config.seed, self.step))
         return compute_advantages(
             scores,
@@ -197,8 +211,8 @@ class Learner:
         ``algo.kl_coef > 0``), then for each of ``learner.ppo_epochs`` passes takes one
         optimizer step per mini-batch (``learner.updates_per_step`` of them), each
         accumulated over token-budget micro-batches. Each micro-batch's loss is scaled
-        so that the summed, rank-averaged gradient is that of ``algo.loss_agg_mode``
-        over the whole mini-batch across all ranks. When the update is a single step
+        so that the summed, rank-averaged gradient is that of the loss's aggregation
+        (``algo.loss_agg_mode``, resolved by ``policy_loss_settings``) over the whole mini-batch across all ranks. When the update is a single step
         (``single_step``), the step's own forward gives the old log-probs instead.
 
         Returns metrics, equal on every rank: ``actor/pg_loss``, ``actor/kl`` (with a
@@ -206,7 +220,8 @@ class Learner:
         ``actor/approx_kl`` (means over the update), ``actor/entropy`` (token mean
         before the update), ``actor/grad_norm`` (mean of the pre-clip norms),
         ``actor/lr`` (of the last step) and ``actor/rollout_logprob_abs_diff`` (token
-        mean of |learner - sampler| log-prob before the update).
+        mean of |learner - sampler| log-prob before the update). On CUDA the cached
+        memory is released afterwards (``release_cached_memory``).
 
         With a rollout correction (``rollout_correction`` is not "none", see
         ``resolve_rollout_correction``) the sampler's log-probs (``response_logprobs``,
@@ -264,6 +279,7 @@ class Learner:
         sums["tokens"] = float(mask.sum())
         totals = self._sum_over_ranks(sums)
         self.step += 1
+        self.release_cached_memory()
 
         metrics = {"actor/grad_norm": sum(grad_norms) / steps, "actor/lr": lr}
         tokens = totals.pop("tokens")
@@ -298,7 +314,7 @@ class Learner:
         ``step_tokens``), the step's global pre-clip gradient norm and its lr.
         """
         algo = self.config.algo
-        mode = algo.loss_agg_mode
+        mode = policy_loss_settings(algo).agg_mode
         members = [batch[i] for i in minibatch]
         local = torch.tensor(_loss_denominator([len(e.response_ids) for e in members], mode), device=self.device)
         dist.all_reduce(local)
@@ -430,7 +446,18 @@ class Learner:
             for group, value in zip(optimizer.param_groups, scheduled):
                 group["lr"] = value
         loss = self._sum_over_ranks({"nll": nll_sum})["nll"] / total_tokens
+        self.release_cached_memory()
         return {"sft/loss": loss, "sft/tokens": float(local)}
+
+    def release_cached_memory(self) -> None:
+        """Hand the CUDA blocks torch's allocator keeps cached (the update's activations,
+        logits chunks and gradients buckets) back to the driver; a no-op off CUDA.
+
+        Called after each update and warm-start step: a rollout actor sharing the GPU
+        (vLLM allocates outside this process's cache) then finds that memory free when it
+        wakes, and the GPU holds only the learner's resident states between updates."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     # ----------------------------------------------------------------- weights and checkpoints
 
@@ -502,12 +529,12 @@ def _loss_denominator(response_lens: Sequence[int], mode: str) -> float:
     """What ``aggregate_loss`` divides by in ``mode``, for responses of these lengths.
 
     token-mean: tokens; seq-mean-token-mean: non-empty responses;
-    seq-mean-token-sum-norm: responses.
+    seq-mean-token-sum and seq-mean-token-sum-norm: responses.
     """
     if mode == "token-mean":
         return float(sum(response_lens))
     if mode == "seq-mean-token-mean":
         return float(sum(1 for n in response_lens if n > 0))
-    if mode == "seq-mean-token-sum-norm":
+    if mode in ("seq-mean-token-sum", "seq-mean-token-sum-norm"):
         return float(len(response_lens))
     raise ValueError(f"unknown loss aggregation mode {mode!r}")

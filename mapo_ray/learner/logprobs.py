@@ -2,10 +2,12 @@
 
 Definition (shared with the sampler in ``mapo_ray.rollout.sampling``): the log-softmax
 of ``logits / temperature`` at each response position, temperature being the rollout
-sampling temperature (0, greedy, means the plain softmax). The learner does not apply
-top-p: a token the sampler kept inside its nucleus could fall just outside the
-learner's, and a -inf log-prob would turn the PPO ratio into NaN. With ``top_p = 1``
-the sampler reports the same quantity.
+sampling temperature (0, greedy, means the plain softmax). Top-p does not enter: a
+token the sampler kept inside its nucleus could fall just outside the learner's, and a
+-inf log-prob would turn the PPO ratio into NaN. The sampler records this same quantity
+for each token it draws from its nucleus (``HFEngine`` at any top_p; ``VLLMEngine``
+exactly at temperature 1, see ``mapo_ray.rollout.sampling``), so at equal weights
+``actor/rollout_logprob_abs_diff`` is 0 to float precision.
 
 The output head runs in chunks of response tokens (``learner.logprob_chunk_tokens``):
 a micro-batch of 2,048-token responses against a 152k-word vocabulary would otherwise

@@ -12,7 +12,14 @@ This package imports neither Ray nor vLLM: ``mapo_ray.rollout.actor`` needs Ray,
 
 from mapo_ray.rollout.engine import RolloutEngine, make_engine, sampling_params
 from mapo_ray.rollout.hf_engine import HFEngine
-from mapo_ray.rollout.sampling import derive_seed, response_end, sampling_logits, token_logprobs
+from mapo_ray.rollout.sampling import (
+    behaviour_logits,
+    derive_seed,
+    response_end,
+    sampling_logits,
+    token_logprobs,
+    vllm_logprobs_mode,
+)
 from mapo_ray.rollout.types import (
     FinishReason,
     Group,
@@ -40,7 +47,9 @@ __all__ = [
     "pil_image",
     "prompts_from_batch",
     "response_end",
+    "behaviour_logits",
     "sampling_logits",
     "sampling_params",
     "token_logprobs",
+    "vllm_logprobs_mode",
 ]

@@ -50,6 +50,7 @@ def make_engine(cfg: RolloutConfig, model_path: str | os.PathLike, seed: int = 0
 
         dtype = None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
         return HFEngine(model_path, device=cfg.device, dtype=dtype)
+    from mapo_ray.rollout.sampling import vllm_logprobs_mode
     from mapo_ray.rollout.vllm_engine import VLLMEngine
 
     return VLLMEngine(
@@ -61,6 +62,7 @@ def make_engine(cfg: RolloutConfig, model_path: str | os.PathLike, seed: int = 0
         enforce_eager=cfg.enforce_eager,
         sleep_between_rollouts=cfg.sleep_between_rollouts,
         seed=seed,
+        logprobs_mode=vllm_logprobs_mode(cfg.temperature),
     )
 
 

@@ -8,8 +8,10 @@ Sampling is done by this module, not by the checkpoint's generation defaults: a 
 ``GenerationConfig`` keeps only the eos and pad ids (the real Qwen2.5-VL checkpoint
 ships ``repetition_penalty=1.05``, which would quietly change the policy), HF's own
 warpers are neutral, and one logits processor turns the logits into the sampling
-distribution (``sampling.sampling_logits``) and records each sampled token's
-log-probability under it, keeping one ``(N, V)`` step in memory rather than all steps.
+distribution (``sampling.sampling_logits``, temperature and top-p) and records each
+sampled token's log-probability under the temperature-scaled distribution without the
+top-p cut (``sampling.behaviour_logits``, the learner's definition), keeping one
+``(N, V)`` step in memory rather than all steps.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from transformers import (
 )
 
 from mapo_ray.models import prepare_inputs
-from mapo_ray.rollout.sampling import response_end, sampling_logits
+from mapo_ray.rollout.sampling import behaviour_logits, response_end, sampling_logits
 from mapo_ray.rollout.types import Group, Prompt, Sample, SamplingParams, pil_image
 from mapo_ray.sync import GroupAddress, SyncPlan, WeightReceiver
 
@@ -39,8 +41,9 @@ logger = logging.getLogger(__name__)
 
 
 class _SampledLogprobs(LogitsProcessor):
-    """Last logits processor of one ``generate`` call: applies temperature and top-p and
-    records the log-probability of each token drawn from the result.
+    """Last logits processor of one ``generate`` call: applies temperature and top-p (the
+    token is drawn from the result) and records each drawn token's log-probability under
+    the temperature-scaled logits without the top-p cut (``sampling.token_logprobs``).
 
     The token drawn at step t is only visible (as ``input_ids[:, -1]``) at step t + 1,
     so each call settles the previous step; ``collect`` settles the last one.
@@ -55,9 +58,8 @@ class _SampledLogprobs(LogitsProcessor):
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self._pending is not None:
             self._settled.append(self._pending.gather(-1, input_ids[:, -1:]).squeeze(-1))
-        processed = sampling_logits(scores, self._temperature, self._top_p)
-        self._pending = processed.log_softmax(dim=-1)
-        return processed
+        self._pending = behaviour_logits(scores, self._temperature).log_softmax(dim=-1)
+        return sampling_logits(scores, self._temperature, self._top_p)
 
     def collect(self, response_ids: torch.Tensor) -> torch.Tensor:
         """``(N, T)`` float32 log-probs of ``response_ids`` ``(N, T)``, the generated tokens."""

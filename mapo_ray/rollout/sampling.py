@@ -1,16 +1,26 @@
-"""The sampling distribution and the end of a response, as pure functions (no Ray).
+"""The sampling distribution, the recorded log-probability and the end of a response,
+as pure functions (no Ray).
 
-Which log-probability a sample carries: that of the distribution its token was drawn
-from. Logits are divided by the temperature, then every token outside the top-p
-nucleus is set to -inf, so the softmax renormalises over the nucleus. This is what
-vLLM reports with ``logprobs_mode="processed_logprobs"`` and what ``HFEngine`` samples
-from. Greedy decoding (temperature 0) reports the plain softmax of the logits, as vLLM
-does for greedy requests.
+A token is drawn from the sampling distribution (``sampling_logits``): logits divided
+by the temperature, every token outside the top-p nucleus set to -inf, so the softmax
+renormalises over the nucleus.
 
-The learner recomputes both sides of its PPO ratio itself, with the temperature but
-without the top-p cut (a token outside its own nucleus would get -inf); these sampler
-values are compared with its own only as a metric (``actor/rollout_logprob_abs_diff``),
-and equal them at top-p 1 and for greedy decoding.
+The log-probability a sample carries (``token_logprobs``) is that of its token under the
+temperature-scaled distribution WITHOUT the top-p cut (``behaviour_logits``): exactly
+what the learner computes for both sides of its PPO ratio, so that at equal weights the
+two agree to float precision (``actor/rollout_logprob_abs_diff`` is 0) whatever top_p
+is. Greedy decoding (temperature 0) records the plain softmax of the logits.
+
+vLLM (``logprobs_mode``, checked in its source, ``vllm/v1/sample/sampler.py`` and the
+v2 ``vllm/v1/worker/gpu/sample/sampler.py``) offers "raw_logprobs" (log-softmax of the
+model's logits before any processing: no penalties, no temperature, no top-k/top-p),
+"processed_logprobs" (after logit bias, penalties, temperature, min-p AND top-k/top-p),
+and, in v1 only, "raw_logits" / "processed_logits" (the same, unnormalised). None is
+"temperature-scaled, not truncated" at every temperature. ``vllm_logprobs_mode`` picks
+the exact one where it exists: "raw_logprobs" at training temperature 1 (the paper's;
+mapo-ray sets no penalty or bias, so raw = temperature-scaled) and for greedy decoding;
+otherwise "processed_logprobs", exact at top_p 1 and, at top_p < 1, higher than the
+learner's by the log of the nucleus mass (the same for every token of a step).
 """
 
 from __future__ import annotations
@@ -47,20 +57,32 @@ def sampling_logits(logits: torch.Tensor, temperature: float, top_p: float) -> t
     return scaled.masked_fill(cut.scatter(-1, order, cut), float("-inf"))
 
 
-def token_logprobs(
-    logits: torch.Tensor, token_ids: torch.Tensor, temperature: float, top_p: float
-) -> torch.Tensor:
-    """Log-probability of each token under the sampling distribution of its logits.
+def behaviour_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Logits of the distribution whose log-probabilities a sample records: divided by the
+    temperature (> 0), with no top-p cut; the logits unchanged for greedy (0)."""
+    return logits if temperature == 0 else logits / temperature
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The recorded log-probability of each token: under ``behaviour_logits`` of its logits.
 
     Args:
         logits: ``(N, L, V)`` logits; ``logits[:, t]`` predicts ``token_ids[:, t]``.
         token_ids: ``(N, L)`` int64.
 
     Returns:
-        ``(N, L)`` float32; -inf for a token outside its nucleus.
+        ``(N, L)`` float32, finite for finite logits (top-p never enters).
     """
-    logprobs = sampling_logits(logits.float(), temperature, top_p).log_softmax(dim=-1)
+    logprobs = behaviour_logits(logits.float(), temperature).log_softmax(dim=-1)
     return logprobs.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
+
+
+def vllm_logprobs_mode(temperature: float) -> str:
+    """vLLM's ``logprobs_mode`` for an engine that samples training rollouts at ``temperature``.
+
+    "raw_logprobs" where it is the recorded definition exactly (temperature 1, or greedy),
+    else "processed_logprobs" (exact at top_p 1; see the module docstring)."""
+    return "raw_logprobs" if temperature in (0.0, 1.0) else "processed_logprobs"
 
 
 def response_end(

@@ -2,19 +2,26 @@
 
 - Requests are ``{"prompt": text, "multi_modal_data": {"image": [...]}}``: vLLM's own
   Qwen2.5-VL processor widens each ``<|image_pad|>`` for its image.
-- ``SamplingParams(n=G, logprobs=0)`` returns the sampled token's log-probability, and
-  ``logprobs_mode="processed_logprobs"`` makes it the log-probability under the
-  temperature- and top-p-processed distribution, the one the token was drawn from
-  (``mapo_ray.rollout.sampling``). Each prompt gets its own seed, derived from the batch
-  seed; vLLM gives sample i of a prompt that seed + i.
+- ``SamplingParams(n=G, logprobs=0)`` returns the sampled token's log-probability under
+  the engine's ``logprobs_mode``: "raw_logprobs" (the default; the model's own softmax)
+  is the recorded definition of ``mapo_ray.rollout.sampling`` (temperature-scaled, no
+  top-p cut) exactly when the training temperature is 1 and for greedy decoding;
+  ``make_engine`` passes ``sampling.vllm_logprobs_mode(rollout.temperature)``, which falls
+  back to "processed_logprobs" (temperature and top-p applied) at other temperatures,
+  since no vLLM mode gives a temperature-scaled, untruncated value (see that module).
+  Each prompt gets its own seed, derived from the batch seed; vLLM gives sample i of a
+  prompt that seed + i.
 - Weights change in place inside vLLM's workers through ``WeightSyncExtension``
   (``worker_extension_cls``) and ``LLM.collective_rpc``; the prefix cache is reset
   afterwards so no KV block computed with old weights is reused. RPC arguments are
   sent pickled (or as a safetensors blob): vLLM's RPC encoding would turn the sync
   dataclasses into plain dicts.
 - With ``sleep_between_rollouts`` the engine sleeps (level 1: weights offloaded to host
-  memory, KV cache freed) after each ``generate`` and wakes before the next use, leaving
-  the GPU to the learner in between. vLLM supports this on CUDA only.
+  memory, KV cache freed) after each ``generate``, leaving the GPU to the learner in
+  between, and wakes by parts (``LLM.wake_up(tags=...)``, tags "weights" and
+  "kv_cache"): a weight update wakes the weights alone, and the KV cache is allocated
+  again only when the engine generates, so a sync on a shared GPU never holds the KV
+  cache beside the learner's states. vLLM supports sleeping on CUDA only.
 
 vLLM is imported when an engine is built, so this module imports without vLLM. The
 worker side needs ``mapo_ray`` importable in vLLM's worker processes.
@@ -43,6 +50,10 @@ logger = logging.getLogger(__name__)
 WORKER_EXTENSION = "mapo_ray.rollout.vllm_worker.WeightSyncExtension"
 
 
+# vLLM's sleep-mode memory tags (LLM.wake_up(tags=...)), in the order they are woken.
+_SLEEP_TAGS: tuple[str, ...] = ("weights", "kv_cache")
+
+
 class VLLMEngine:
     """Rollout engine on ``vllm.LLM`` for a Hugging Face checkpoint folder.
 
@@ -56,6 +67,8 @@ class VLLMEngine:
         enforce_eager: no CUDA graphs / torch.compile (faster start, slower decode).
         sleep_between_rollouts: sleep after each ``generate`` (see the module docstring).
         seed: vLLM's engine seed (unseeded requests draw from it).
+        logprobs_mode: which log-probability vLLM reports for each sampled token
+            (``sampling.vllm_logprobs_mode``; "raw_logprobs" is exact at temperature 1).
     """
 
     def __init__(
@@ -69,6 +82,7 @@ class VLLMEngine:
         enforce_eager: bool = False,
         sleep_between_rollouts: bool = False,
         seed: int = 0,
+        logprobs_mode: str = "raw_logprobs",
     ) -> None:
         import vllm
 
@@ -82,13 +96,13 @@ class VLLMEngine:
             enforce_eager=enforce_eager,
             enable_sleep_mode=sleep_between_rollouts,
             seed=seed,
-            logprobs_mode="processed_logprobs",
+            logprobs_mode=logprobs_mode,
             worker_extension_cls=WORKER_EXTENSION,
         )
         self._tokenizer = self._llm.get_tokenizer()
         self.sync_ranks = tensor_parallel_size
         self._sleep_between_rollouts = sleep_between_rollouts
-        self._asleep = False
+        self._asleep: set[str] = set()  # vLLM's sleep tags not woken yet
         self._weight_version: int | None = 0
 
     @property
@@ -96,16 +110,23 @@ class VLLMEngine:
         return self._weight_version
 
     def sleep(self) -> None:
-        """Free the GPU: weights to host memory, KV cache dropped. No-op when asleep."""
-        if not self._asleep:
-            self._llm.sleep(level=1)
-            self._asleep = True
+        """Free the GPU: weights to host memory, KV cache dropped. No-op when asleep.
 
-    def wake_up(self) -> None:
-        """Undo ``sleep``. No-op when awake."""
-        if self._asleep:
-            self._llm.wake_up()
-            self._asleep = False
+        A part still asleep is woken first: vLLM wants every tag awake before the
+        engine is used again, sleeping included."""
+        if self._asleep == set(_SLEEP_TAGS):
+            return
+        self.wake_up()
+        self._llm.sleep(level=1)
+        self._asleep = set(_SLEEP_TAGS)
+
+    def wake_up(self, tags: Sequence[str] = _SLEEP_TAGS) -> None:
+        """Undo ``sleep`` for ``tags`` ("weights", "kv_cache"; default both). No-op for
+        parts already awake. Weights are woken before the KV cache."""
+        for tag in _SLEEP_TAGS:  # in vLLM's order: weights first
+            if tag in tags and tag in self._asleep:
+                self._llm.wake_up(tags=[tag])
+                self._asleep.discard(tag)
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[Group]:
         """Sample ``params.n`` responses for each of the B ``prompts``; one group per prompt, in order."""
@@ -185,7 +206,8 @@ class VLLMEngine:
         return plan.version
 
     def _update(self, version: int, method: str, payload: bytes) -> None:
-        self.wake_up()
+        # The weights alone: the KV cache waits, released, for the next generate.
+        self.wake_up(["weights"])
         self._weight_version = None
         self._llm.collective_rpc(method, args=(payload,))
         # KV blocks of cached prefixes were computed with the old weights.

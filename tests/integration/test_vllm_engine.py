@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
 from mapo_ray.models import tiny_text_path
-from mapo_ray.rollout import HFEngine, Prompt, SamplingParams
+from mapo_ray.rollout import HFEngine, Prompt, SamplingParams, token_logprobs
 from vllm_venv import ROOT, ensure_vllm_venv
 
 pytestmark = pytest.mark.integration
@@ -94,3 +94,12 @@ def test_vllm_engine_takes_a_synced_update_and_matches_hf_greedy(tmp_path):
         torch.testing.assert_close(
             torch.tensor(got["response_logprobs"]), torch.tensor(want.response_logprobs), atol=1e-4, rtol=0
         )
+
+    # Sampled from a top-p 0.5 nucleus, each token still records its log-prob under the
+    # whole temperature-1 softmax: the learner's definition (mapo_ray.rollout.sampling).
+    for sample in result["nucleus"]:
+        ids = torch.tensor([sample["prompt_ids"] + sample["response_ids"]])
+        with torch.no_grad():
+            logits = hf.model(input_ids=ids).logits[:, len(sample["prompt_ids"]) - 1 : -1]
+        expected = token_logprobs(logits, torch.tensor([sample["response_ids"]]), 1.0)[0]
+        torch.testing.assert_close(torch.tensor(sample["response_logprobs"]), expected, atol=1e-4, rtol=0)

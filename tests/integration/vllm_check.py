@@ -92,6 +92,14 @@ def main() -> None:
         }
         for g in after
     ]
+    # The recorded log-prob's definition: tokens drawn from a top-p 0.5 nucleus at
+    # temperature 1 carry the untruncated softmax (vLLM's "raw_logprobs").
+    nucleus = SamplingParams(n=2, temperature=1.0, top_p=0.5, max_new_tokens=12, seed=11)
+    result["nucleus"] = [
+        {"prompt_ids": s.prompt_ids, "response_ids": s.response_ids, "response_logprobs": s.response_logprobs}
+        for g in engine.generate(prompts, nucleus)
+        for s in g.samples
+    ]
     with open(args.out, "w") as f:
         json.dump(result, f)
 

@@ -40,7 +40,7 @@ def test_presets_are_not_mutated_by_overrides():
         (["algo.kl_coef=true"], r"config key 'algo\.kl_coef': value True \(bool\) is not of type float"),
         (["seed=1.5"], r"config key 'seed': value 1\.5 \(float\) is not of type int"),
         (["algo.std=sample"], r"'algo\.std'.*one of 'population', 'unbiased'"),
-        (["algo.dual_clip_c=off"], r"'algo\.dual_clip_c'.*float \| None"),
+        (["algo.dual_clip_c=yes"], r"'algo\.dual_clip_c'.*float \| one of False \| None"),
         (["algo=grpo"], r"config key 'algo' is a section"),
         (["algo.estimator=mapoo"], r"algo\.estimator: unknown advantage estimator 'mapoo'; did you mean 'mapo'\?"),
         (["algo.kl_estimator=k4"], r"algo\.kl_estimator: unknown KL estimator 'k4'"),
@@ -55,6 +55,7 @@ def test_errors_name_the_key_value_and_expected(overrides, message):
 
 def test_null_and_unknown_preset_and_bad_file(tmp_path):
     assert load_config(overrides=["algo.dual_clip_c=null"]).algo.dual_clip_c is None
+    assert load_config(overrides=["algo.dual_clip_c=false"]).algo.dual_clip_c is False
     with pytest.raises(ConfigError, match=r"unknown preset 'cpu-tinny'; did you mean 'cpu-tiny'\?"):
         load_config(preset="cpu-tinny")
     bad = tmp_path / "bad.yaml"
@@ -120,3 +121,117 @@ def test_rollout_gpus_per_actor(overrides, gpus):
 def test_gpu_share_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=overrides)
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "allowed"),
+    [
+        ("algo.clip_ratio_low=-0.1", "algo.clip_ratio_low", r"\[0, 1\)"),
+        ("algo.clip_ratio_low=1.0", "algo.clip_ratio_low", r"\[0, 1\)"),
+        ("algo.clip_ratio_high=1.5", "algo.clip_ratio_high", r"\[0, 1\)"),
+        ("algo.clip_ratio_high=.nan", "algo.clip_ratio_high", r"\[0, 1\)"),
+        ("algo.dual_clip_c=1.0", "algo.dual_clip_c", r"> 1"),
+        ("algo.dual_clip_c=0.5", "algo.dual_clip_c", r"> 1"),
+        ("algo.kl_coef=-0.01", "algo.kl_coef", r">= 0"),
+        ("algo.kl_coef=.inf", "algo.kl_coef", r">= 0"),
+        ("algo.eps=0", "algo.eps", r"> 0"),
+        ("algo.eps=-1e-6", "algo.eps", r"> 0"),
+        ("algo.success_threshold=0", "algo.success_threshold", r"\(0, 1\]"),
+        ("algo.success_threshold=1.5", "algo.success_threshold", r"\(0, 1\]"),
+        ("algo.overlong_buffer_len=0", "algo.overlong_buffer_len", r"positive"),
+        ("algo.overlong_buffer_len=4096", "algo.overlong_buffer_len", r"rollout\.max_new_tokens = 2048"),
+        ("algo.overlong_penalty_factor=-1", "algo.overlong_penalty_factor", r">= 0"),
+        ("rollout.group_size=1", "rollout.group_size", r">= 2 for the group estimator"),
+        ("learner.lr=0", "learner.lr", r"> 0"),
+        ("learner.lr=.nan", "learner.lr", r"> 0"),
+        ("learner.lr=.inf", "learner.lr", r"> 0"),
+        ("trainer.eval_temperature=-0.5", "trainer.eval_temperature", r">= 0"),
+        ("trainer.eval_top_p=0", "trainer.eval_top_p", r"\(0, 1\]"),
+        ("trainer.eval_top_p=1.2", "trainer.eval_top_p", r"\(0, 1\]"),
+        ("trainer.eval_max_new_tokens=0", "trainer.eval_max_new_tokens", r"positive or null"),
+        ("trainer.total_epochs=0", "trainer.total_epochs", r"exactly one of|positive"),
+        ("data.max_prompt_tokens=0", "data.max_prompt_tokens", r"positive or null"),
+    ],
+)
+def test_every_algorithm_setting_is_range_checked(override, key, allowed):
+    """A bad value is a ConfigError naming its key and the allowed range, before anything starts."""
+    overrides = [override]
+    if override.startswith("trainer.total_epochs"):
+        overrides.append("trainer.total_steps=null")
+    with pytest.raises(ConfigError, match=rf"{key.replace('.', chr(92) + '.')}.*{allowed}"):
+        load_config(overrides=overrides)
+
+
+def test_group_size_check_spans_sections_and_names_the_estimator():
+    with pytest.raises(ConfigError, match=r"rollout\.group_size.*'grpo'"):
+        load_config(overrides=["algo.estimator=grpo", "rollout.group_size=1"])
+    # Greedy training rollouts give one response per prompt: no group to compare with.
+    with pytest.raises(ConfigError, match=r"group_size"):
+        load_config(overrides=["rollout.temperature=0", "rollout.group_size=1"])
+
+
+def test_run_length_is_steps_or_epochs_never_both():
+    with pytest.raises(ConfigError, match=r"exactly one of trainer\.total_steps and trainer\.total_epochs"):
+        load_config(overrides=["trainer.total_epochs=2"])
+    with pytest.raises(ConfigError, match=r"exactly one of"):
+        load_config(overrides=["trainer.total_steps=null"])
+    cfg = load_config(overrides=["trainer.total_epochs=2.5", "trainer.total_steps=null"])
+    assert (cfg.trainer.total_steps, cfg.trainer.total_epochs) == (None, 2.5)
+
+
+def test_resolve_run_length_counts_steps_from_epochs():
+    from mapo_ray.loop import resolve_run_length
+
+    cfg = load_config(overrides=["trainer.total_epochs=15", "trainer.total_steps=null"])
+    resolved = resolve_run_length(cfg, train_rows=2101)
+    # ceil(15 * 2101 / 512) = ceil(61.55)
+    assert (resolved.trainer.total_steps, resolved.trainer.total_epochs) == (62, None)
+    assert resolve_run_length(load_config(), train_rows=2101) == load_config()
+    tiny = load_config(overrides=["trainer.total_epochs=0.01", "trainer.total_steps=null"])
+    assert resolve_run_length(tiny, train_rows=10).trainer.total_steps == 1
+
+
+def test_paper_preset_is_the_released_run():
+    """geo3k-qwen25vl-7b: the released code's config (MAPO code/examples/config.yaml)."""
+    cfg = load_config(preset="geo3k-qwen25vl-7b")
+    assert cfg.algo.std == "unbiased"
+    assert (cfg.data.min_pixels, cfg.data.max_pixels, cfg.data.max_prompt_tokens) == (262144, 4194304, 2048)
+    assert cfg.trainer.eval_every == 5
+    assert (cfg.trainer.total_steps, cfg.trainer.total_epochs) == (None, 15.0)
+    emoset = load_config(preset="emoset-qwen25vl-7b")
+    assert emoset.algo.std == "unbiased" and emoset.data.max_prompt_tokens == 2048
+    # cpu-tiny is measured as it is: nothing of the paper's run leaks into it.
+    tiny = load_config(preset="cpu-tiny")
+    assert (tiny.algo.std, tiny.data.max_prompt_tokens, tiny.trainer.total_steps) == ("population", None, 40)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ([], (0.2, 0.3, 3.0, "token-mean")),
+        (["algo.policy_loss=gspo"], (3e-4, 4e-4, None, "seq-mean-token-mean")),
+        (["algo.policy_loss=gspo", "algo.clip_ratio_high=5e-4"], (3e-4, 5e-4, None, "seq-mean-token-mean")),
+        (["algo.policy_loss=gspo", "algo.dual_clip_c=2.5"], (3e-4, 4e-4, 2.5, "seq-mean-token-mean")),
+        (["algo.dual_clip_c=false"], (0.2, 0.3, None, "token-mean")),
+        (["algo.loss_agg_mode=seq-mean-token-sum"], (0.2, 0.3, 3.0, "seq-mean-token-sum")),
+    ],
+)
+def test_policy_loss_settings_default_to_the_chosen_loss(overrides, expected):
+    from mapo_ray.algo import policy_loss_settings
+
+    settings = policy_loss_settings(load_config(overrides=overrides).algo)
+    assert (settings.clip_low, settings.clip_high, settings.dual_clip_c, settings.agg_mode) == expected
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_keep_their_effective_policy_loss(name):
+    """Every preset trains PPO exactly as before the keys became null by default."""
+    from mapo_ray.algo import policy_loss_settings
+
+    settings = policy_loss_settings(load_config(preset=name).algo)
+    assert (settings.clip_low, settings.clip_high, settings.dual_clip_c, settings.agg_mode) == (
+        0.2,
+        0.3,
+        3.0,
+        "token-mean",
+    )

@@ -158,3 +158,72 @@ def test_an_unexpected_error_stops_the_batch_naming_the_row():
 
     with pytest.raises(RuntimeError, match="row f#0 failed: KeyError"):
         prepare_table(raw_table(), broken, passthrough=["id", "choices"])
+
+
+def test_prompt_tokens_count_each_image_as_its_merged_vision_tokens():
+    from mapo_ray.data.rows import prompt_tokens
+
+    images = [np.zeros((56, 84, 3), np.uint8), np.zeros((28, 28, 3), np.uint8)]
+    # "a <pad> b <pad>" is 4 words; the pads become 2 * 3 = 6 and 1 * 1 = 1 tokens.
+    assert prompt_tokens("a <pad> b <pad>", images, lambda text: len(text.split())) == 4 - 2 + 6 + 1
+
+
+def test_a_prompt_over_max_prompt_tokens_is_a_counted_skip():
+    from mapo_ray.data.rows import check_prompt_length
+
+    words = lambda text: len(text.split())  # noqa: E731
+    prepared = ("one two three <pad>", [np.zeros((56, 56, 3), np.uint8)], "4")  # 3 + 4 image tokens
+    assert check_prompt_length(prepared, words, None) is prepared
+    assert check_prompt_length(prepared, words, 7) is prepared
+    with pytest.raises(RowSkip, match=r"7 tokens with its 1 image\(s\), over data.max_prompt_tokens \(6\)") as info:
+        check_prompt_length(prepared, words, 6)
+    assert info.value.reason == "prompt_too_long"
+    # Marked in place by prepare_table like every other skip, so the consumer counts it.
+    table = pa.table({"uid": ["f#0"]})
+    out = prepare_table(table, lambda row: check_prompt_length(prepared, words, 6), passthrough=())
+    kept, skipped = drop_skipped(out)
+    assert kept.num_rows == 0 and [reason for reason, _, _ in skipped] == ["prompt_too_long"]
+
+
+def test_prepare_prompts_skips_rows_over_max_prompt_tokens_with_the_real_tokenizer():
+    """PreparePrompts (the Ray Data actor's class, called directly) counts the templated
+    prompt's tokens with the image's merged vision tokens, and marks longer rows."""
+    import pyarrow.fs as pafs
+
+    from mapo_ray.data.pipeline import PreparePrompts
+    from mapo_ray.data.rows import FILE_COLUMN
+    from mapo_ray.models.tiny import tiny_vl_path
+
+    image = png(112, 56)  # resized within BUDGET to 112 x 56: 8 merged vision tokens
+    rows = pa.table(
+        {
+            "uid": ["f#0", "f#1"],
+            FILE_COLUMN: ["/data/f.parquet"] * 2,
+            "images": [[image], [image]],
+            "problem": ["<image>Find x.", "<image>" + " Find x." * 40],
+            "answer": ["3", "4"],
+        }
+    )
+
+    def prepared(limit):
+        actor = PreparePrompts(
+            tokenizer_path=str(tiny_vl_path()),
+            layout="geo3k",
+            budget=BUDGET,
+            filesystem=pafs.LocalFileSystem(),
+            passthrough=(),
+            max_prompt_tokens=limit,
+        )
+        return actor(rows)
+
+    kept, skipped = drop_skipped(prepared(None))
+    assert kept.num_rows == 2 and not skipped
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_vl_path())
+    short = len(tokenizer.encode(kept["prompt"][0].as_py(), add_special_tokens=False)) - 1 + 8
+    kept, skipped = drop_skipped(prepared(short))
+    assert kept["uid"].to_pylist() == ["f#0"]
+    assert [(reason, uid) for reason, uid, _ in skipped] == [("prompt_too_long", "f#1")]
+    kept, skipped = drop_skipped(prepared(short - 1))
+    assert kept.num_rows == 0 and len(skipped) == 2

@@ -248,6 +248,16 @@ def test_checkpoints_kept():
     assert doctor.checkpoints_kept(40, 10, 0) == 4  # 0 keeps all
     assert doctor.checkpoints_kept(45, 10, 0) == 5  # and one at the end
     assert doctor.checkpoints_kept(5, 10, 2) == 1
+    # A length in trainer.total_epochs (steps unknown before the data is opened): a long run's count.
+    assert doctor.checkpoints_kept(None, 10, 2) == 3
+
+
+def test_needs_of_the_paper_preset_whose_length_is_in_epochs():
+    from mapo_ray.config import load_config
+
+    config = load_config(preset="geo3k-qwen25vl-7b")
+    assert config.trainer.total_steps is None
+    assert doctor.needs_of(config, cluster_has_gpus=True).checkpoints_kept == config.trainer.keep_checkpoints + 1
 
 
 def test_disk(tmp_path):

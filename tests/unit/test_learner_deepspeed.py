@@ -114,14 +114,30 @@ def test_log_probs_equal_a_plain_hf_forward_and_the_sampler(frozen_learner, batc
         expected, expected_entropy = _plain_hf_log_probs(model, image_processor, exp)
         torch.testing.assert_close(log_probs[row, :n], expected, atol=2e-5, rtol=0)
         torch.testing.assert_close(entropy[row, :n], expected_entropy, atol=2e-5, rtol=0)
-        # The sampler reports the same quantity (temperature TEMPERATURE, top-p 1).
+        # The sampler reports the same quantity (temperature TEMPERATURE, no top-p cut).
         torch.testing.assert_close(log_probs[row, :n], torch.tensor(exp.response_logprobs), atol=2e-5, rtol=0)
         assert not log_probs[row, n:].any() and not entropy[row, n:].any()
 
 
+def test_log_probs_equal_the_sampler_under_top_p(frozen_learner, prompts):
+    """Tokens drawn from a top-p 0.7 nucleus carry the untruncated temperature-scaled
+    log-prob, the learner's: at equal weights the two agree to float precision, and so
+    ``actor/rollout_logprob_abs_diff`` of an update is 0."""
+    nucleus = _rollouts(prompts, SamplingParams(n=2, temperature=TEMPERATURE, top_p=0.7, max_new_tokens=10, seed=5))
+    log_probs, _ = frozen_learner.compute_log_probs(nucleus)
+    for row, exp in enumerate(nucleus):
+        n = len(exp.response_ids)
+        torch.testing.assert_close(log_probs[row, :n], torch.tensor(exp.response_logprobs), atol=2e-5, rtol=0)
+    learner = Learner(_config("learner.zero_stage=0", "rollout.top_p=0.7"), tiny_vl_path())
+    metrics = learner.update(nucleus, torch.tensor([1.0, -1.0] * 3))
+    assert metrics["actor/rollout_logprob_abs_diff"] < 1e-5
+
+
 def test_log_probs_equal_the_greedy_sampler(prompts):
     greedy = _rollouts(prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=6))
-    learner = Learner(_config("learner.zero_stage=0", "rollout.temperature=0", "rollout.group_size=1"), tiny_vl_path())
+    # Greedy decoding records the plain softmax, the learner's at temperature 1 (which is
+    # also what it reads 0 as). Greedy training is no config: a group of one has no advantage.
+    learner = Learner(_config("learner.zero_stage=0", "rollout.temperature=1"), tiny_vl_path())
     log_probs, _ = learner.compute_log_probs(greedy)
     for row, exp in enumerate(greedy):
         expected = torch.tensor(exp.response_logprobs)

@@ -91,7 +91,7 @@ def test_masked_tokens_have_no_effect():
     noisy = logp.clone()
     noisy[~mask] = 50.0
     noisy.requires_grad_(True)
-    for mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
+    for mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"):
         a, _ = ppo_loss(logp, old, adv, mask, agg_mode=mode)
         b, _ = ppo_loss(noisy, old, adv, mask, agg_mode=mode)
         assert a.item() == pytest.approx(b.item(), rel=1e-6)
@@ -105,6 +105,7 @@ def test_aggregation_modes():
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0]])
     assert aggregate_loss(loss, mask, "token-mean").item() == pytest.approx(36 / 5)
     assert aggregate_loss(loss, mask, "seq-mean-token-mean").item() == pytest.approx((2 + 15) / 2)
+    assert aggregate_loss(loss, mask, "seq-mean-token-sum").item() == pytest.approx((6 + 30 + 0) / 3)
     assert aggregate_loss(loss, mask, "seq-mean-token-sum-norm").item() == pytest.approx((6 / 4 + 30 / 4 + 0) / 3)
     assert aggregate_loss(loss, mask, "seq-mean-token-sum-norm", norm_length=10).item() == pytest.approx(36 / 30)
     with pytest.raises(ValueError, match="aggregation"):
@@ -185,3 +186,35 @@ def test_dapo_group_filter_and_overlong_penalty():
     torch.testing.assert_close(penalty, torch.tensor([0.0, 0.0, -0.5, -1.0, -1.0]))
     with pytest.raises(ValueError, match="buffer_length"):
         overlong_penalty(lengths, max_length=10, buffer_length=20)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_token_sum_aggregations_match_an_independent_loop(seed):
+    """seq-mean-token-sum: mean over responses of each response's token sum (verl's mode).
+    seq-mean-token-sum-norm, Dr. GRPO: the same sums over a constant, the max response
+    length (oat's masked_sum with constant_normalizer=generate_max_length, then the mean)."""
+    gen = torch.Generator().manual_seed(seed)
+    n, width, max_new_tokens = 5, 7, 16
+    loss = torch.randn(n, width, generator=gen, dtype=torch.float64)
+    lengths = torch.randint(0, width + 1, (n,), generator=gen).tolist()
+    mask = torch.tensor([[t < length for t in range(width)] for length in lengths])
+    sums = [sum(float(loss[i, t]) for t in range(lengths[i])) for i in range(n)]
+    assert aggregate_loss(loss, mask, "seq-mean-token-sum").item() == pytest.approx(sum(sums) / n, abs=1e-12)
+    dr_grpo = sum(s / max_new_tokens for s in sums) / n
+    got = aggregate_loss(loss, mask, "seq-mean-token-sum-norm", norm_length=max_new_tokens).item()
+    assert got == pytest.approx(dr_grpo, abs=1e-12)
+
+
+def test_compute_policy_loss_runs_gspo_with_its_own_clip_and_aggregation():
+    """algo.clip_ratio_* / dual_clip_c / loss_agg_mode left null: GSPO's own 3e-4 / 4e-4,
+    no dual clip, seq-mean-token-mean; not PPO's 0.2 / 0.3."""
+    logp, old, adv, mask = random_batch(1)
+    config = AlgoConfig(policy_loss="gspo", kl_coef=0.0)
+    loss, _ = compute_policy_loss(config, logp, old, adv, mask)
+    expected, _ = gspo_loss(logp, old, adv, mask)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    ppo_clips, _ = gspo_loss(logp, old, adv, mask, clip_low=0.2, clip_high=0.3, dual_clip_c=3.0, agg_mode="token-mean")
+    assert loss.item() != pytest.approx(ppo_clips.item(), rel=1e-3)
+    # A key the user sets wins over the loss's default.
+    wide, _ = compute_policy_loss(AlgoConfig(policy_loss="gspo", kl_coef=0.0, clip_ratio_high=0.3), logp, old, adv, mask)
+    assert wide.item() == pytest.approx(gspo_loss(logp, old, adv, mask, clip_high=0.3)[0].item(), rel=1e-6)

@@ -9,7 +9,14 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer, TemperatureLogitsWarper, TopPLogitsWarper
 
 from mapo_ray.models import tiny_text_path
-from mapo_ray.rollout import derive_seed, response_end, sampling_logits, token_logprobs
+from mapo_ray.rollout import (
+    behaviour_logits,
+    derive_seed,
+    response_end,
+    sampling_logits,
+    token_logprobs,
+    vllm_logprobs_mode,
+)
 
 
 @pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (0.7, 0.9), (1.3, 0.5), (1.0, 0.99), (0.5, 0.95)])
@@ -49,17 +56,30 @@ def test_nucleus_is_the_smallest_top_set_with_mass_top_p(probs, top_p, temperatu
     assert mass - p[kept].min().item() < top_p + 1e-9
 
 
-def test_token_logprobs_gathers_the_processed_log_softmax():
+def test_token_logprobs_are_temperature_scaled_and_never_truncated():
+    """The recorded log-prob is the learner's: log-softmax of logits / T over the whole
+    vocabulary, whatever top-p the token was drawn with."""
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(2, 5, 40, generator=g)
     tokens = torch.randint(0, 40, (2, 5), generator=g)
-    out = token_logprobs(logits, tokens, 0.8, 0.7)
+    out = token_logprobs(logits, tokens, 0.8)
     assert out.shape == (2, 5) and out.dtype == torch.float32
-    full = sampling_logits(logits, 0.8, 0.7).log_softmax(-1)
+    full = (logits / 0.8).log_softmax(-1)
     torch.testing.assert_close(out, full.gather(-1, tokens[..., None])[..., 0])
+    torch.testing.assert_close(behaviour_logits(logits, 0.8), logits / 0.8)
+    assert behaviour_logits(logits, 0.0) is logits  # greedy: the plain softmax
+    # A token outside a tight nucleus could never be drawn, but its recorded value is finite,
+    # and differs from the truncated distribution's by the log of the nucleus mass.
+    assert torch.isfinite(out).all()
     top = logits.argmax(-1)
-    assert torch.isfinite(token_logprobs(logits, top, 0.8, 0.01)).all()  # the top token is always kept
-    assert (token_logprobs(logits, top, 0.8, 0.01) == 0).all()  # ... and alone at p = 0.01
+    truncated = sampling_logits(logits, 0.8, 0.01).log_softmax(-1).gather(-1, top[..., None])[..., 0]
+    assert (truncated == 0).all() and (token_logprobs(logits, top, 0.8) < 0).all()
+
+
+def test_vllm_logprobs_mode_is_exact_where_vllm_allows():
+    assert vllm_logprobs_mode(1.0) == "raw_logprobs"  # raw = temperature-scaled at T = 1
+    assert vllm_logprobs_mode(0.0) == "raw_logprobs"  # greedy: the plain softmax
+    assert vllm_logprobs_mode(0.7) == "processed_logprobs"  # exact at top_p 1 only
 
 
 # --- response_end ------------------------------------------------------------------
