@@ -547,10 +547,10 @@ _PAPER_DATA: dict[str, Any] = {
 _PAPER_EVAL_EVERY = 5
 # Eight 80 GB GPUs on one node (k8s/raycluster.yaml), half learning and half generating,
 # each on GPUs of its own so neither waits for the other's memory: four ZeRO-3 learner
-# ranks hold the 7B policy, its reference and the AdamW states (~41 GiB a GPU, ~63 GiB at
-# the update's peak with the paper's images of up to 4.2 MP: python -m mapo_ray.plan); four vLLM actors (one GPU each) hold a bf16
-# copy and a KV cache for 512 x 12 rollouts, and take the weights in one NCCL broadcast
-# inside the node. Reward and prompt actors need CPUs only, which Ray places off the GPU
+# ranks hold the 7B policy, its reference and the AdamW states (~41 GiB a GPU, ~56 GiB at
+# the update's peak: python -m mapo_ray.plan); four vLLM actors (one GPU each) hold a
+# bf16 copy and a KV cache for 512 x 12 rollouts, and take the weights in one NCCL
+# broadcast inside the node. Reward and prompt actors need CPUs only, which Ray places off the GPU
 # node while CPU nodes have room.
 _EIGHT_GPUS: dict[str, Any] = {
     "trainer": {"num_learners": 4, "cpus_per_learner": 8.0, "use_gpu": True, "eval_every": _PAPER_EVAL_EVERY},
@@ -558,10 +558,11 @@ _EIGHT_GPUS: dict[str, Any] = {
         # Model states of 8.3B parameters at 20 bytes each: 37 GiB a rank sharded over 4
         # (ZeRO-2: 50 GiB, and the reference whole beside them).
         "zero_stage": 3,
-        # Activations of 16k tokens (planned with one data.max_pixels image per 4096 tokens)
-        # are 17.9 GiB checkpointed, 240 GiB without.
+        # Activations of 16k tokens (planned with one image per 4096 tokens, as large as a
+        # 2,048-token prompt holds) are 11 GiB checkpointed, 153 GiB without.
         "gradient_checkpointing": True,
-        # 63 GiB of 80 at the peak; 32k tokens would be 81 GiB, over.
+        # 56 GiB of 80 at the peak; 32k tokens would be 67 GiB, too little room left for
+        # the allocator's fragmentation over a long run.
         "micro_batch_tokens": 16384,
         # Two float32 copies of 512 x 152k logits: 0.6 GiB, plus 1 GiB of output-embedding gradient.
         "logprob_chunk_tokens": 512,

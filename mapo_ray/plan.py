@@ -350,8 +350,10 @@ def learner_activations(shape: ModelShape, config: Config, *, bf16: bool) -> Act
     ``(4 + a) * hidden`` per token. Vision: only when the tower trains (a frozen tower
     saves nothing for backward); planned as one image of ``data.max_pixels`` per
     ``rollout.max_model_len`` tokens of the budget, ``max_pixels / patch_size**2``
-    patches each (samples of one group share their image and run it once, so this
-    counts generously).
+    patches each, but no more than a prompt can hold (``data.max_prompt_tokens``, else
+    ``rollout.max_model_len``, merged tokens of ``spatial_merge_size**2`` patches each:
+    a longer prompt is skipped). Samples of one group share their image and run it
+    once, so this counts generously.
     """
     a = 2 if bf16 else 4
     cfg = config.learner
@@ -364,7 +366,9 @@ def learner_activations(shape: ModelShape, config: Config, *, bf16: bool) -> Act
     if shape.vision is not None and not cfg.freeze_vision_tower:
         v = shape.vision
         images = max(1, cfg.micro_batch_tokens // config.rollout.max_model_len)
-        patches = images * max(1, config.data.max_pixels // v.patch_size**2)
+        prompt_tokens = config.data.max_prompt_tokens or config.rollout.max_model_len
+        per_image = min(config.data.max_pixels // v.patch_size**2, prompt_tokens * v.spatial_merge_size**2)
+        patches = images * max(1, per_image)
         per_block = layer_activation_bytes(v.hidden_size, v.hidden_size, v.intermediate_size, a)
         v_full, v_ckpt = stack_activations(patches, v.depth, per_block, v.hidden_size, a)
         full, ckpt = full + v_full, ckpt + v_ckpt

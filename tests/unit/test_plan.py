@@ -240,10 +240,11 @@ def test_the_8_gpu_preset_fits_on_separate_gpus(shape_7b):
     ("overrides", "fix"),
     [
         (("learner.gradient_checkpointing=false",), "set learner.gradient_checkpointing=true"),
-        # The paper's images of up to 4.2 MP (data.max_pixels) make the activations the
-        # larger part: ZeRO-1 no longer fits, nor do 32k-token micro-batches.
-        (("learner.zero_stage=0", "algo.kl_coef=0"), "set learner.zero_stage=2"),
-        (("learner.micro_batch_tokens=131072",), "set learner.micro_batch_tokens=16384"),
+        # An image is at most what a 2,048-token prompt holds (data.max_prompt_tokens), not
+        # the 21k patches of a 4.2 MP image (data.max_pixels): ZeRO-1 and 32k-token
+        # micro-batches fit.
+        (("learner.zero_stage=0", "algo.kl_coef=0"), "set learner.zero_stage=1"),
+        (("learner.micro_batch_tokens=131072",), "set learner.micro_batch_tokens=32768"),
     ],
 )
 def test_a_plan_that_does_not_fit_names_the_setting_to_change(shape_7b, overrides, fix):
