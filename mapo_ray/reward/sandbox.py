@@ -87,7 +87,9 @@ class TimedGrader:
     ``config.grading_timeout_s`` seconds; safe to call from any thread.
 
     ``grade`` never raises for anything the reward function or its input does:
-    errors, overruns, NaN and a dead process all come back as a ``Graded`` failure.
+    errors, overruns (wall clock, CPU time, memory), NaN and a dead process all come
+    back as a ``Graded`` failure; the process is replaced after an overrun, a memory
+    failure or its death. It runs under the limits in the module docstring.
     Use as a context manager, or call ``close``; a grader that is garbage-collected
     kills its process too.
     """
