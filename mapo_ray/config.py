@@ -166,6 +166,10 @@ class DataConfig:
                 raise ValueError(f"data.synthetic_kinds: {err}") from err
 
 
+# The smallest reward.grading_memory_mb accepted (a limit, not no limit).
+MIN_GRADING_MEMORY_MB = 256
+
+
 @dataclass
 class RewardConfig:
     """The reward function and the CPU actor pool that grades rollouts (``mapo_ray.reward``)."""
@@ -186,6 +190,21 @@ class RewardConfig:
     # A group whose reward actor died is graded again on a fresh actor, at most this many
     # times (counted as reward/retried); then its rollouts get 0, counted as actor_died.
     max_retries: int = 2
+    # Limits of the grading process, which reads untrusted model output (mapo_ray.reward.sandbox).
+    # Address space (RLIMIT_AS) in MiB: an allocation past it is a MemoryError, and the
+    # rollout gets 0, counted as reward/failed/memory. A grading process with the built-in
+    # graders peaks near 70 MiB; threads each reserve stack and malloc arenas, so leave room
+    # for a user function that imports numpy or torch. 0 or null: no limit.
+    grading_memory_mb: int | None = 4096
+    # CPU seconds one grading may use, all threads together (RLIMIT_CPU, re-armed before each
+    # grading); past it the rollout gets 0, counted as reward/failed/cpu. A backstop for the
+    # wall-clock limit above: above it by default, so a single-threaded overrun is a timeout.
+    # Whole seconds (the kernel's unit); 0 or null: no limit.
+    grading_cpu_s: int | None = 10
+    # The grading process gets this process's environment minus anything that looks like a
+    # secret (see mapo_ray.reward.sandbox.is_secret_name: *TOKEN*, *SECRET*, *PASSWORD*,
+    # *_KEY*, AWS_* ...); names listed here are passed on anyway (e.g. a judge's API key).
+    grading_env_keep: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         # Imported here because mapo_ray.reward imports this module.
@@ -211,6 +230,18 @@ class RewardConfig:
                 raise ValueError(f"reward.{name} must be positive, got {getattr(self, name)}")
         if self.max_retries < 0:
             raise ValueError(f"reward.max_retries must be >= 0, got {self.max_retries}")
+        if self.grading_memory_mb is not None and 0 < self.grading_memory_mb < MIN_GRADING_MEMORY_MB:
+            # Below this the grading process cannot even import Python, SymPy and math-verify.
+            raise ValueError(
+                f"reward.grading_memory_mb must be 0 or null (no limit) or at least {MIN_GRADING_MEMORY_MB}, "
+                f"got {self.grading_memory_mb}"
+            )
+        for name in ("grading_memory_mb", "grading_cpu_s"):
+            if (getattr(self, name) or 0) < 0:
+                raise ValueError(f"reward.{name} must be >= 0 (0 or null: no limit), got {getattr(self, name)}")
+        for env_name in self.grading_env_keep:
+            if not env_name or "=" in env_name or "\0" in env_name:
+                raise ValueError(f"reward.grading_env_keep must hold environment variable names, got {env_name!r}")
         if self.call_timeout_s <= self.grading_timeout_s:
             raise ValueError(
                 f"reward.call_timeout_s ({self.call_timeout_s}) must exceed "

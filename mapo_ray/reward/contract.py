@@ -27,7 +27,12 @@ RewardFn = Callable[[str, str], Mapping[str, float]]
 #   bad_answer    the reference answer or label cannot be graded (RewardInputError)
 #   call_timeout  a whole group's actor call ran past ``reward.call_timeout_s``
 #   actor_died    the reward actor died while grading the group
-FailureKind = Literal["exception", "timeout", "nan", "invalid", "bad_answer", "call_timeout", "actor_died"]
+#   memory        one grading ran out of memory: past ``reward.grading_memory_mb`` in the
+#                 grading process (a MemoryError the reward function let through)
+#   cpu           one grading used more than ``reward.grading_cpu_s`` seconds of CPU time
+FailureKind = Literal[
+    "exception", "timeout", "nan", "invalid", "bad_answer", "call_timeout", "actor_died", "memory", "cpu"
+]
 FAILURE_KINDS: tuple[FailureKind, ...] = get_args(FailureKind)
 
 
@@ -80,6 +85,8 @@ def call_reward_fn(fn: RewardFn, response: str, answer: str) -> Graded:
         value = fn(response, answer)
     except RewardInputError as err:
         return Graded.failed("bad_answer", str(err))
+    except MemoryError as err:  # before Exception, of which it is a subclass
+        return Graded.failed("memory", _describe(err))
     except Exception as err:  # a reward function's bug must not end the run
         return Graded.failed("exception", _describe(err))
     return check_scores(value)

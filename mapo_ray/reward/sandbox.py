@@ -15,6 +15,29 @@ one, so its start-up never counts against a grading's limit.
 The protocol: length-prefixed JSON frames. The first frame to the child is the
 ``RewardConfig``; it answers ``ready`` (or ``start_error``), then one ``Graded``
 per ``{response, answer}`` request.
+
+The child reads untrusted model output, so besides the wall-clock limit it runs
+under limits of its own (``RewardConfig``):
+
+- Address space, ``reward.grading_memory_mb`` (``RLIMIT_AS``): an expression that
+  expands to gigabytes fails one allocation with ``MemoryError`` (counted as a
+  ``memory`` failure, and the child is replaced) instead of the node's OOM killer
+  ending the reward actor or worse. A ``MemoryError`` the reward function catches
+  itself (math-verify catches every ``Exception`` while parsing) is its own result.
+- CPU time, ``reward.grading_cpu_s`` (``RLIMIT_CPU``): the kernel limit counts a
+  process's whole life, so the child re-arms its soft limit before each request at
+  the CPU time used so far plus the allowance (one ``getrusage`` and one
+  ``setrlimit``, microseconds). Past it the kernel sends ``SIGXCPU``, whose default
+  action ends the child: a ``cpu`` failure, and the child is replaced. It counts
+  every thread of the child, so it also bounds a grading that burns many cores.
+- Environment: the child gets this process's environment minus every variable
+  whose name looks like a secret (``is_secret_name``) or whose value is a URL with
+  a password, except the names in ``reward.grading_env_keep``.
+
+The limits are set by the child itself, right after it reads the (trusted) config
+frame and before it loads the reward function or reads any request: a
+``preexec_fn`` is unsafe in a multithreaded parent such as a Ray actor, and the CPU
+limit has to be re-armed between requests, which only the child knows the moment of.
 """
 
 from __future__ import annotations
@@ -22,7 +45,10 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import json
+import math
 import os
+import re
+import resource
 import select
 import signal
 import struct
@@ -31,6 +57,7 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from mapo_ray.config import RewardConfig, from_dict
@@ -39,6 +66,16 @@ from mapo_ray.reward.functions import load_reward_fn
 
 _HEADER = struct.Struct(">Q")
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+# A variable is kept from the grading process when its name, upper-cased, contains one
+# of these words, or has KEY as a whole "_"-separated word (API_KEY, AWS_ACCESS_KEY_ID,
+# SSH_KEY_PATH), or starts with a cloud provider's prefix.
+_SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "PASSWD", "PASSPHRASE", "CREDENTIAL", "PRIVATE", "AUTH", "APIKEY")
+_SECRET_NAME = re.compile(
+    "|".join(_SECRET_WORDS) + r"|(^|_)KEY(_|$)|^(AWS|AZURE|GCP|GCLOUD|GOOGLE|ALIBABA_CLOUD|OCI|DIGITALOCEAN)_"
+)
+# scheme://user:password@host: a proxy or database URL with a password in it.
+_URL_WITH_PASSWORD = re.compile(r"://[^/@\s:]*:[^/@\s]+@")
 
 
 class GraderStartError(RuntimeError):
@@ -50,7 +87,9 @@ class TimedGrader:
     ``config.grading_timeout_s`` seconds; safe to call from any thread.
 
     ``grade`` never raises for anything the reward function or its input does:
-    errors, overruns, NaN and a dead process all come back as a ``Graded`` failure.
+    errors, overruns (wall clock, CPU time, memory), NaN and a dead process all come
+    back as a ``Graded`` failure; the process is replaced after an overrun, a memory
+    failure or its death. It runs under the limits in the module docstring.
     Use as a context manager, or call ``close``; a grader that is garbage-collected
     kills its process too.
     """
@@ -79,9 +118,29 @@ class TimedGrader:
                 self._stop()
                 return Graded.failed("timeout", f"grading took longer than {limit:g} s")
             except (EOFError, OSError):
-                code = self._stop()
-                return Graded.failed("exception", f"grading process died (exit code {code})")
-        return Graded(**reply)
+                return self._died(self._stop())
+            graded = Graded(**reply)
+            if graded.failure == "memory":
+                # What ran out of memory may have left the process half-changed (a cache
+                # filled part-way): the next grading gets a fresh one.
+                self._stop()
+        return graded
+
+    def _died(self, code: int | None) -> Graded:
+        """The failure of a grading whose process died with exit ``code``."""
+        if code == -signal.SIGXCPU:
+            cpu_s = self._config.grading_cpu_s
+            return Graded.failed("cpu", f"grading used more than {cpu_s} s of CPU time (reward.grading_cpu_s)")
+        memory_mb = self._config.grading_memory_mb
+        if code == -signal.SIGABRT and memory_mb:
+            # C code (GMP, for one) aborts when an allocation fails, where Python would
+            # raise MemoryError; under an address-space limit that is the likely cause.
+            return Graded.failed(
+                "memory",
+                f"grading process aborted (SIGABRT) under reward.grading_memory_mb={memory_mb}, "
+                "most likely a failed allocation",
+            )
+        return Graded.failed("exception", f"grading process died (exit code {code})")
 
     @property
     def pid(self) -> int | None:
@@ -101,8 +160,10 @@ class TimedGrader:
 
     def _start(self) -> None:
         self._stop()
-        # The child must import what this process can import, user reward modules included.
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p or os.getcwd() for p in sys.path))
+        # The child must import what this process can import, user reward modules included,
+        # and must not see its secrets.
+        env = grading_env(os.environ, self._config.grading_env_keep)
+        env["PYTHONPATH"] = os.pathsep.join(p or os.getcwd() for p in sys.path)
         proc = subprocess.Popen(
             [sys.executable, "-c", "from mapo_ray.reward.sandbox import serve; serve()", str(os.getpid())],
             stdin=subprocess.PIPE,
@@ -134,6 +195,26 @@ class TimedGrader:
             self._finalizer = None
         proc, self._proc = self._proc, None
         return None if proc is None else _kill(proc)
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether environment variable ``name`` looks like a secret the grading process must
+    not see: its upper-cased name contains TOKEN, SECRET, PASSWORD, PASSWD, PASSPHRASE,
+    CREDENTIAL, PRIVATE, AUTH or APIKEY, has KEY as a ``_``-separated word, or starts
+    with AWS_, AZURE_, GCP_, GCLOUD_, GOOGLE_, ALIBABA_CLOUD_, OCI_ or DIGITALOCEAN_."""
+    return _SECRET_NAME.search(name.upper()) is not None
+
+
+def grading_env(environ: Mapping[str, str], keep: Iterable[str] = ()) -> dict[str, str]:
+    """``environ`` without secrets: names ``is_secret_name`` flags and values that are URLs
+    with a password, except the names in ``keep``. PATH, HOME, LANG, TMPDIR and the
+    like are never flagged."""
+    keep = set(keep)
+    return {
+        name: value
+        for name, value in environ.items()
+        if name in keep or not (is_secret_name(name) or _URL_WITH_PASSWORD.search(value))
+    }
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> int:
@@ -197,10 +278,18 @@ def serve() -> None:
     os.dup2(2, 1)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
+    config: RewardConfig | None = None
     try:
-        fn = load_reward_fn(from_dict(RewardConfig, _read_frame(requests, None)["config"]))
+        config = from_dict(RewardConfig, _read_frame(requests, None)["config"])
+        # Before the reward function loads, so that a limit too small for it fails here.
+        _limit_memory(config.grading_memory_mb)
+        signal.signal(signal.SIGXCPU, signal.SIG_DFL)  # the default action ends the process
+        fn = load_reward_fn(config)
     except Exception as err:  # sent back and raised in the parent, with its message
-        _write_frame(replies, {"kind": "start_error", "error": f"{type(err).__name__}: {err}"}, None)
+        error = f"{type(err).__name__}: {err}"
+        if MemoryError in (type(err), type(err.__cause__)) and config is not None:
+            error += f" (under reward.grading_memory_mb={config.grading_memory_mb})"
+        _write_frame(replies, {"kind": "start_error", "error": error}, None)
         return
     _write_frame(replies, {"kind": "ready"}, None)
     while True:
@@ -208,5 +297,34 @@ def serve() -> None:
             request = _read_frame(requests, None)
         except EOFError:
             return  # the parent closed the pipe: shut down
-        graded = call_reward_fn(fn, request["response"], request["answer"])
+        _arm_cpu_limit(config.grading_cpu_s)
+        try:
+            graded = call_reward_fn(fn, request["response"], request["answer"])
+        except MemoryError:  # outside the reward function: checking or describing its result
+            graded = Graded.failed("memory", "MemoryError while checking the reward function's result")
         _write_frame(replies, dataclasses.asdict(graded), None)
+
+
+def _limit_memory(limit_mb: int | None) -> None:
+    """Cap this process's address space at ``limit_mb`` MiB (None or 0: leave it)."""
+    if not limit_mb:
+        return
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = limit_mb * 2**20 if hard == resource.RLIM_INFINITY else min(limit_mb * 2**20, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))  # the hard limit too: for good
+
+
+def _arm_cpu_limit(limit_s: int | None) -> None:
+    """Let the next grading use ``limit_s`` more CPU seconds (None or 0: no limit).
+
+    ``RLIMIT_CPU`` counts the whole life of the process, in whole seconds, so the soft
+    limit moves to the time used so far plus ``limit_s``, rounded up: a grading gets
+    at least ``limit_s`` and less than one second more. The hard limit stays where it
+    was, or the soft one could not be raised again for the next grading.
+    """
+    if not limit_s:
+        return
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    soft = math.ceil(usage.ru_utime + usage.ru_stime + limit_s)
+    _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    resource.setrlimit(resource.RLIMIT_CPU, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))

@@ -88,6 +88,13 @@ def test_a_wrong_import_path_is_a_config_error_naming_it(user_package, function,
         ("reward.call_timeout_s=2", r"reward\.call_timeout_s \(2\.0\) must exceed reward\.grading_timeout_s \(5\.0\)"),
         ("reward.num_workers=0", r"reward\.num_workers must be positive"),
         ("reward.num_worker=2", r"unknown config key 'reward\.num_worker'; did you mean 'reward\.num_workers'\?"),
+        ("reward.grading_memory_mb=100", r"grading_memory_mb must be 0 or null \(no limit\) or at least 256, got 100$"),
+        ("reward.grading_memory_mb=-1", r"reward\.grading_memory_mb must be >= 0 \(0 or null: no limit\), got -1"),
+        ("reward.grading_memory_mb=2.5", r"key 'reward\.grading_memory_mb': value 2\.5 \(float\) is not of type int"),
+        ("reward.grading_cpu_s=-1", r"reward\.grading_cpu_s must be >= 0 \(0 or null: no limit\), got -1"),
+        ("reward.grading_cpu_s=0.5", r"config key 'reward\.grading_cpu_s': value 0\.5 \(float\) is not of type int"),
+        ("reward.grading_env_keep=['']", r"reward\.grading_env_keep must hold environment variable names, got ''"),
+        ("reward.grading_env_keep=['A=1']", r"reward\.grading_env_keep must hold [a-z ]+names, got 'A=1'$"),
     ],
 )
 def test_reward_config_errors(override, message):
@@ -98,6 +105,13 @@ def test_reward_config_errors(override, message):
 def test_reward_config_defaults():
     cfg = load_config().reward
     assert (cfg.function, cfg.accuracy_weight, cfg.format_weight) == ("math", 0.9, 0.1)
+    assert (cfg.grading_memory_mb, cfg.grading_cpu_s, cfg.grading_env_keep) == (4096, 10, [])
+
+
+@pytest.mark.parametrize("off", ["0", "null"])
+def test_grading_limits_can_be_turned_off(off):
+    cfg = load_config(overrides=[f"reward.grading_memory_mb={off}", f"reward.grading_cpu_s={off}"]).reward
+    assert not cfg.grading_memory_mb and not cfg.grading_cpu_s
 
 
 def _raises(response, answer):
