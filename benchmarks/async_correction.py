@@ -35,21 +35,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import statistics
 import time
 from pathlib import Path
 
 import ray
 
-from mapo_ray.config import load_config
-from mapo_ray.job import resolve_inputs
-from mapo_ray.loop import train
-from mapo_ray.reward.pool import RewardPool
-from mapo_ray.rollout.actor import create_rollout_actors
-from mapo_ray.telemetry.records import read_metrics
+# A module beside this script (python benchmarks/<name>.py puts benchmarks/ on sys.path).
+from cpu_tiny import mean_spread, save_run, saved_run, start_local_ray, train_cpu_tiny
 
-RESULT_FILE = "result.json"  # a finished run's numbers; a rerun on the same --out reads them back
 CONFIGS: dict[str, list[str]] = {
     "on_policy": ["trainer.mode=on_policy", "algo.rollout_correction=none"],
     "async1_none": ["trainer.mode=async", "trainer.max_staleness=1", "algo.rollout_correction=none"],
@@ -92,42 +86,14 @@ def run_one(name: str, seed: int, args: argparse.Namespace) -> Run:
     if args.steps:
         overrides.append(f"trainer.total_steps={args.steps}")
     run_dir = args.out / f"{name}-s{seed}"
-    done = run_dir / RESULT_FILE
-    if done.exists():
-        saved = json.loads(done.read_text())
-        if saved["overrides"] != overrides:
-            raise SystemExit(f"{done} was run with {saved['overrides']}, not {overrides}: pick another --out")
-        saved["evals"] = {int(step): acc for step, acc in saved["evals"].items()}
+    if (saved := saved_run(run_dir, overrides)) is not None:
         return Run(**saved)
-    cfg, model_path = resolve_inputs(load_config(preset="cpu-tiny", overrides=overrides))
-    if run_dir.exists():
-        raise SystemExit(f"{run_dir} holds an unfinished run (no {RESULT_FILE}): remove it, or pick another --out")
-    run_dir.mkdir(parents=True)
-    started = time.perf_counter()
-    actors = create_rollout_actors(cfg.rollout, model_path, seed=cfg.seed)
-    pool = RewardPool(cfg.reward)
-    try:
-        result = train(cfg, run_dir=run_dir, model_path=model_path, rollout_actors=actors, reward_pool=pool)
-    finally:
-        pool.shutdown()
-        for actor in actors.values():
-            ray.kill(actor)
-    if result.error is not None:
-        raise RuntimeError(f"{name} seed {seed}: training failed") from result.error
-    wall = time.perf_counter() - started
-    history = read_metrics(run_dir / "metrics.jsonl")
-    steps, accuracy = history.series("eval/accuracy")
-    if not steps or steps[0] != 0:
-        raise RuntimeError(f"{name} seed {seed}: no warm-start evaluation in {run_dir}; is sft.steps > 0?")
+    history, evals, wall = train_cpu_tiny(run_dir, overrides, f"{name} seed {seed}")
     stats = {key: statistics.fmean(values) for key in STATS if (values := history.series(key)[1])}
     rl_s = sum(history.series("time/step_s")[1])
-    run = Run(name, seed, dict(zip(steps, accuracy)), stats, rl_s, wall, overrides)
-    done.write_text(json.dumps(dataclasses.asdict(run)))
+    run = Run(name, seed, evals, stats, rl_s, wall, overrides)
+    save_run(run_dir, run)
     return run
-
-
-def mean_spread(values: list[float]) -> str:
-    return f"{100 * statistics.fmean(values):5.1f} ± {100 * statistics.pstdev(values):4.1f}"
 
 
 def _stat(group: list[Run], key: str) -> str:
@@ -194,10 +160,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     args.out = args.out.resolve()
 
-    # A throw-away local cluster needs no token-authenticated dashboard.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    # log_to_driver: each run's progress lines (step, reward, eval) come from its training worker.
-    ray.init(include_dashboard=False, configure_logging=False, log_to_driver=True)
+    start_local_ray()
     runs: dict[str, list[Run]] = {name: [] for name in names}
     try:
         for seed in seeds:  # seed-major, so a cut-short benchmark still compares like with like

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -37,15 +36,10 @@ from pathlib import Path
 import ray
 from matplotlib.figure import Figure
 
-from mapo_ray.config import load_config
-from mapo_ray.job import resolve_inputs
-from mapo_ray.loop import train
-from mapo_ray.reward.pool import RewardPool
-from mapo_ray.rollout.actor import create_rollout_actors
-from mapo_ray.telemetry.records import read_metrics
+# A module beside this script (python benchmarks/<name>.py puts benchmarks/ on sys.path).
+from cpu_tiny import mean_spread, save_run, saved_run, start_local_ray, train_cpu_tiny
 
 CONTROL = "mapo_nosync"
-RESULT_FILE = "result.json"  # a finished run's numbers; a rerun on the same --out reads them back
 DIAGNOSTICS = ("certainty/p_mean", "certainty/lambda_mean", "certainty/p_extreme_frac")
 
 
@@ -80,40 +74,13 @@ def run_one(estimator: str, seed: int, args: argparse.Namespace) -> Run:
     if args.steps:
         overrides.append(f"trainer.total_steps={args.steps}")
     run_dir = args.out / f"{estimator}-s{seed}"
-    done = run_dir / RESULT_FILE
-    if done.exists():
-        saved = json.loads(done.read_text())
-        if saved["overrides"] != overrides:
-            raise SystemExit(f"{done} was run with {saved['overrides']}, not {overrides}: pick another --out")
-        saved["evals"] = {int(step): acc for step, acc in saved["evals"].items()}
+    if (saved := saved_run(run_dir, overrides)) is not None:
         return Run(**saved)
-    cfg, model_path = resolve_inputs(load_config(preset="cpu-tiny", overrides=overrides))
-    if run_dir.exists():
-        raise SystemExit(f"{run_dir} holds an unfinished run (no {RESULT_FILE}): remove it, or pick another --out")
-    run_dir.mkdir(parents=True)
-    started = time.perf_counter()
-    actors = create_rollout_actors(cfg.rollout, model_path, seed=cfg.seed)
-    pool = RewardPool(cfg.reward)
-    try:
-        result = train(cfg, run_dir=run_dir, model_path=model_path, rollout_actors=actors, reward_pool=pool)
-    finally:
-        pool.shutdown()
-        for actor in actors.values():
-            ray.kill(actor)
-    if result.error is not None:
-        raise RuntimeError(f"{estimator} seed {seed}: training failed") from result.error
-    history = read_metrics(run_dir / "metrics.jsonl")
-    steps, accuracy = history.series("eval/accuracy")
-    if not steps or steps[0] != 0:
-        raise RuntimeError(f"{estimator} seed {seed}: no warm-start evaluation in {run_dir}; is sft.steps > 0?")
+    history, evals, wall = train_cpu_tiny(run_dir, overrides, f"{estimator} seed {seed}")
     diagnostics = {key: statistics.fmean(history.series(key)[1]) for key in DIAGNOSTICS}
-    run = Run(estimator, seed, dict(zip(steps, accuracy)), diagnostics, time.perf_counter() - started, overrides)
-    done.write_text(json.dumps(dataclasses.asdict(run)))
+    run = Run(estimator, seed, evals, diagnostics, wall, overrides)
+    save_run(run_dir, run)
     return run
-
-
-def mean_spread(values: list[float]) -> str:
-    return f"{100 * statistics.fmean(values):5.1f} ± {100 * statistics.pstdev(values):4.1f}"
 
 
 def plot(runs: dict[str, list[Run]], out: Path, target: float) -> None:
@@ -150,10 +117,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     args.out = args.out.resolve()
 
-    # A throw-away local cluster needs no token-authenticated dashboard.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    # log_to_driver: each run's progress lines (step, reward, eval) come from its training worker.
-    ray.init(include_dashboard=False, configure_logging=False, log_to_driver=True)
+    start_local_ray()
     runs: dict[str, list[Run]] = {e: [] for e in estimators}
     try:
         for seed in seeds:  # seed-major, so a cut-short benchmark still compares like with like
