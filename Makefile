@@ -12,7 +12,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints/cpu.txt
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; set PYTHON=/path/to/python3.11"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@# torch first, by exact version: that takes the CPU build (shared/DESIGN.md).
+	@# torch first, by exact version: that takes the CPU build; a range would pull a
+	@# multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -c constraints/cpu.txt -e ".[dev]"
 	touch $@

@@ -25,7 +25,7 @@ def reference_mapo(scores: torch.Tensor, uids: list[str], eps: float = 1e-6) -> 
     """The released code's shape: uid-keyed dicts filled and read one sample at a time.
 
     Written here with the pairing done by uid (the released code paired lambda
-    with samples by position, which shared/DESIGN.md describes as a defect).
+    with samples by position after reordering the batch: a defect).
     """
     id2score: dict[str, list[torch.Tensor]] = defaultdict(list)
     for i in range(len(uids)):

@@ -36,7 +36,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class AlgoConfig:
-    """Advantage estimator, policy loss and KL term (see shared/DESIGN.md)."""
+    """Advantage estimator, policy loss, KL term and rollout correction (``mapo_ray.algo``)."""
 
     estimator: str = "mapo"
     std: Literal["population", "unbiased"] = "population"
@@ -612,7 +612,7 @@ _EIGHT_GPUS: dict[str, Any] = {
 
 # Each preset is a nested dict applied over the defaults, exactly like a YAML file.
 PRESETS: dict[str, dict[str, Any]] = {
-    # The paper's Geo3K set-up (shared/DESIGN.md).
+    # The paper's Geo3K set-up (MAPO, arXiv 2509.18849, and its released code).
     "geo3k-qwen25vl-7b": {
         "algo": _PAPER_ALGO,
         **_EIGHT_GPUS,

@@ -1,6 +1,6 @@
 """Group-relative advantage estimators, batched, for any grouping of the samples.
 
-Notation (shared/DESIGN.md): a group is the G rollouts of one prompt, with rewards
+Notation: a group is the G rollouts of one prompt, with rewards
 r_1..r_G, mean mu, standard deviation sigma and certainty p (the fraction that
 succeeded). Every per-group quantity is computed once per distinct group id and
 gathered back by each sample's own id, so samples of a group need not be

@@ -1,7 +1,7 @@
 """Qwen2.5-VL model inputs from rendered prompts and PIL images, without the HF processor.
 
 ``Qwen2_5_VLProcessor`` imports torchvision, which does not load beside the CPU
-torch build used here (shared/DESIGN.md), so its one job that the model needs is
+torch build used here (PyPI's torchvision fails to import beside it), so its one job that the model needs is
 done by hand: run the image processor, then widen each ``<|image_pad|>`` in the
 prompt into as many pad tokens as the vision tower will emit for that image
 (``grid_thw.prod() // merge_size**2``), and mark those tokens in

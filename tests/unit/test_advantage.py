@@ -1,4 +1,5 @@
-"""Advantage estimators against shared/DESIGN.md and a naive per-group reference."""
+"""Advantage estimators against their definitions (the paper's worked example included)
+and a naive per-group reference."""
 
 from __future__ import annotations
 

@@ -45,7 +45,7 @@ def test_every_requirement_is_pinned_within_its_range(constraints, extras):
 
 def test_cpu_and_gpu_sets_agree_where_they_can():
     cpu, gpu = pins("cpu.txt"), pins("gpu.txt")
-    assert cpu["torch"] == "2.13.0"  # the CPU build that lies on disk (shared/DESIGN.md)
+    assert cpu["torch"] == "2.13.0"  # the CPU build that lies on disk
     assert gpu["torch"] == "2.14.0"  # what vLLM 0.33 pins
     for name in ("transformers", "ray", "deepspeed", "math-verify"):
         assert cpu[name] == gpu[name], name
