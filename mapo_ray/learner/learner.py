@@ -212,8 +212,9 @@ class Learner:
         optimizer step per mini-batch (``learner.updates_per_step`` of them), each
         accumulated over token-budget micro-batches. Each micro-batch's loss is scaled
         so that the summed, rank-averaged gradient is that of the loss's aggregation
-        (``algo.loss_agg_mode``, resolved by ``policy_loss_settings``) over the whole mini-batch across all ranks. When the update is a single step
-        (``single_step``), the step's own forward gives the old log-probs instead.
+        (``algo.loss_agg_mode``, resolved by ``policy_loss_settings``) over the whole
+        mini-batch across all ranks. When the update is a single step (``single_step``),
+        the step's own forward gives the old log-probs instead.
 
         Returns metrics, equal on every rank: ``actor/pg_loss``, ``actor/kl`` (with a
         KL term), ``actor/clip_frac``, ``actor/dual_clip_frac`` (with dual-clip),
