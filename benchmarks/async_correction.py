@@ -39,10 +39,9 @@ import statistics
 import time
 from pathlib import Path
 
-import ray
 
 # A module beside this script (python benchmarks/<name>.py puts benchmarks/ on sys.path).
-from cpu_tiny import mean_spread, save_run, saved_run, start_local_ray, train_cpu_tiny
+from cpu_tiny import mean_spread, run_all, save_run, saved_run, train_cpu_tiny
 
 CONFIGS: dict[str, list[str]] = {
     "on_policy": ["trainer.mode=on_policy", "algo.rollout_correction=none"],
@@ -160,20 +159,14 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     args.out = args.out.resolve()
 
-    start_local_ray()
-    runs: dict[str, list[Run]] = {name: [] for name in names}
-    try:
-        for seed in seeds:  # seed-major, so a cut-short benchmark still compares like with like
-            for name in names:
-                run = run_one(name, seed, args)
-                runs[name].append(run)
-                print(
-                    f"  done: {name} seed {seed}: accuracy {run.warm:.3f} -> {run.final:.3f} "
-                    f"in {run.rl_s:.0f} s of RL steps ({run.wall_s:.0f} s in all)",
-                    flush=True,
-                )
-    finally:
-        ray.shutdown()
+    runs = run_all(
+        names,
+        seeds,
+        lambda name, seed: run_one(name, seed, args),
+        lambda run: (
+            f"accuracy {run.warm:.3f} -> {run.final:.3f} in {run.rl_s:.0f} s of RL steps ({run.wall_s:.0f} s in all)"
+        ),
+    )
 
     print()
     summary = summarize(runs, seeds)

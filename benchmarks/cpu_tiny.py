@@ -13,8 +13,9 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 
@@ -26,13 +27,29 @@ from mapo_ray.rollout.actor import create_rollout_actors
 from mapo_ray.telemetry.records import MetricsHistory, read_metrics
 
 RESULT_FILE = "result.json"  # a finished run's numbers; a rerun on the same --out reads them back
+RunT = TypeVar("RunT")
 
 
-def start_local_ray() -> None:
-    """A throw-away local cluster whose training workers' progress lines reach this console."""
-    # A throw-away local cluster needs no token-authenticated dashboard.
+def run_all(
+    names: Sequence[str], seeds: Sequence[int], run_one: Callable[[str, int], RunT], describe: Callable[[RunT], str]
+) -> dict[str, list[RunT]]:
+    """``run_one(name, seed)`` for every name and seed on a throw-away local Ray cluster,
+    seed-major (a cut-short benchmark still compares like with like), printing
+    ``describe(run)`` as each finishes. Returns the runs by name, in seed order."""
+    # A throw-away local cluster needs no token-authenticated dashboard; log_to_driver
+    # shows each run's progress lines (step, reward, eval) from its training worker.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(include_dashboard=False, configure_logging=False, log_to_driver=True)
+    runs: dict[str, list[RunT]] = {name: [] for name in names}
+    try:
+        for seed in seeds:
+            for name in names:
+                run = run_one(name, seed)
+                runs[name].append(run)
+                print(f"  done: {name} seed {seed}: {describe(run)}", flush=True)
+    finally:
+        ray.shutdown()
+    return runs
 
 
 def saved_run(run_dir: Path, overrides: list[str]) -> dict[str, Any] | None:

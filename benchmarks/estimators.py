@@ -33,11 +33,10 @@ import statistics
 import time
 from pathlib import Path
 
-import ray
 from matplotlib.figure import Figure
 
 # A module beside this script (python benchmarks/<name>.py puts benchmarks/ on sys.path).
-from cpu_tiny import mean_spread, save_run, saved_run, start_local_ray, train_cpu_tiny
+from cpu_tiny import mean_spread, run_all, save_run, saved_run, train_cpu_tiny
 
 CONTROL = "mapo_nosync"
 DIAGNOSTICS = ("certainty/p_mean", "certainty/lambda_mean", "certainty/p_extreme_frac")
@@ -117,20 +116,12 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     args.out = args.out.resolve()
 
-    start_local_ray()
-    runs: dict[str, list[Run]] = {e: [] for e in estimators}
-    try:
-        for seed in seeds:  # seed-major, so a cut-short benchmark still compares like with like
-            for estimator in estimators:
-                run = run_one(estimator, seed, args)
-                runs[estimator].append(run)
-                print(
-                    f"  done: {estimator} seed {seed}: accuracy {run.warm:.3f} -> {run.final:.3f} "
-                    f"in {run.wall_s:.0f} s",
-                    flush=True,
-                )
-    finally:
-        ray.shutdown()
+    runs = run_all(
+        estimators,
+        seeds,
+        lambda estimator, seed: run_one(estimator, seed, args),
+        lambda run: f"accuracy {run.warm:.3f} -> {run.final:.3f} in {run.wall_s:.0f} s",
+    )
 
     print()
     print(f"cpu-tiny task, seeds {seeds}; test accuracy in %, mean ± spread (population std) over seeds")
