@@ -39,7 +39,6 @@ import statistics
 import time
 from pathlib import Path
 
-
 # A module beside this script (python benchmarks/<name>.py puts benchmarks/ on sys.path).
 from cpu_tiny import mean_spread, run_all, save_run, saved_run, train_cpu_tiny
 
