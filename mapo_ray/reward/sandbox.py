@@ -67,7 +67,7 @@ from mapo_ray.reward.functions import load_reward_fn
 _HEADER = struct.Struct(">Q")
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
-# A variable is kept from the grading process when its name, upper-cased, contains one
+# A variable is withheld from the grading process when its name, upper-cased, contains one
 # of these words, or has KEY as a whole "_"-separated word (API_KEY, AWS_ACCESS_KEY_ID,
 # SSH_KEY_PATH), or starts with a cloud provider's prefix.
 _SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "PASSWD", "PASSPHRASE", "CREDENTIAL", "PRIVATE", "AUTH", "APIKEY")
