@@ -41,6 +41,12 @@ class AlgoConfig:
     estimator: str = "mapo"
     std: Literal["population", "unbiased"] = "population"
     eps: float = 1e-6
+    # What counts as a success for MAPO's certainty p, the success-based estimators and
+    # DAPO's group filter. "full_marks": reward >= success_threshold, every component
+    # right (the MAPO paper's released code: score == 1.0). "accuracy": the grader's
+    # accuracy component is 1 whatever the format (reward >= success_threshold for a
+    # grader without one).
+    success: Literal["full_marks", "accuracy"] = "full_marks"
     success_threshold: float = 1.0
     policy_loss: str = "ppo"
     # None: the chosen policy loss's own default (mapo_ray.algo.losses.policy_loss_settings):

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from ray.actor import ActorHandle
 
 from mapo_ray.algo import advantage_diagnostics, dapo_group_filter
-from mapo_ray.config import Config
+from mapo_ray.config import AlgoConfig, Config
 from mapo_ray.data.pipeline import PromptBatches, open_split, prompt_dataset
 from mapo_ray.learner import Experience, Learner, shard_by_group
 from mapo_ray.learner.sft import warm_start
@@ -214,20 +214,32 @@ def score(pool: RewardPool, groups: Sequence[Group]) -> list[GroupResult]:
     return pool.score(requests)
 
 
-def succeeded(result: GroupResult, threshold: float) -> list[bool]:
-    """Per response: full accuracy when the grader reports it, else overall reward at the threshold."""
+def succeeded(result: GroupResult, definition: str, threshold: float) -> list[bool]:
+    """Per response, success by ``algo.success``: "full_marks" is ``overall >= threshold``;
+    "accuracy" is the grader's accuracy component at 1, or ``overall >= threshold`` when
+    the grader reports none."""
+    if definition == "full_marks":
+        return [s["overall"] >= threshold for s in result.scores]
     return [s["accuracy"] >= 1.0 if "accuracy" in s else s["overall"] >= threshold for s in result.scores]
 
 
-def rollout_metrics(groups: Sequence[Group], results: Sequence[GroupResult], threshold: float) -> dict[str, float]:
-    """Reward, accuracy, format and length statistics of one batch of scored groups."""
+def accuracy(results: Sequence[GroupResult], threshold: float) -> float:
+    """Fraction of responses with the right answer (``succeeded`` by "accuracy"), whatever ``algo.success``."""
+    return statistics.fmean(ok for r in results for ok in succeeded(r, "accuracy", threshold))
+
+
+def rollout_metrics(groups: Sequence[Group], results: Sequence[GroupResult], algo: AlgoConfig) -> dict[str, float]:
+    """Reward, accuracy, success, format and length statistics of one batch of scored groups."""
     rewards = [r for result in results for r in result.rewards]
     scores = [s for result in results for s in result.scores]
     lengths = [len(s.response_ids) for g in groups for s in g.samples]
     return {
         "reward/mean": statistics.fmean(rewards),
         "reward/std": statistics.pstdev(rewards),
-        "reward/accuracy": statistics.fmean(ok for r in results for ok in succeeded(r, threshold)),
+        "reward/accuracy": accuracy(results, algo.success_threshold),
+        "reward/success": statistics.fmean(
+            ok for r in results for ok in succeeded(r, algo.success, algo.success_threshold)
+        ),
         "reward/format": statistics.fmean(s.get("format", 0.0) for s in scores),
         "response/length_mean": statistics.fmean(lengths),
         "response/clipped_frac": statistics.fmean(s.finish_reason == "length" for g in groups for s in g.samples),
@@ -236,22 +248,27 @@ def rollout_metrics(groups: Sequence[Group], results: Sequence[GroupResult], thr
 
 
 def to_experiences(
-    groups: Sequence[Group], results: Sequence[GroupResult], prompts: Mapping[str, Prompt], threshold: float
+    groups: Sequence[Group], results: Sequence[GroupResult], prompts: Mapping[str, Prompt], algo: AlgoConfig
 ) -> list[Experience]:
     """One ``Experience`` per response; groups get ids 0..K-1 in batch order."""
     batch = []
     for group_id, (group, result) in enumerate(zip(groups, results)):
         images = prompts[group.uid].images
-        for sample, reward, ok in zip(group.samples, result.rewards, succeeded(result, threshold)):
+        successes = succeeded(result, algo.success, algo.success_threshold)
+        for sample, reward, ok in zip(group.samples, result.rewards, successes):
             batch.append(Experience.from_sample(sample, group_id=group_id, reward=reward, success=ok, images=images))
     return batch
 
 
-def keep_informative(groups: list[Group], results: list[GroupResult], threshold: float) -> tuple[list[Group], list[GroupResult]]:
-    """DAPO's filter: drop groups whose responses all succeeded or all failed."""
-    accuracy = torch.tensor([float(ok) for r in results for ok in succeeded(r, threshold)])
+def keep_informative(
+    groups: list[Group], results: list[GroupResult], algo: AlgoConfig
+) -> tuple[list[Group], list[GroupResult]]:
+    """DAPO's filter: drop groups whose responses all succeeded or all failed (``algo.success``)."""
+    success = torch.tensor(
+        [float(ok) for r in results for ok in succeeded(r, algo.success, algo.success_threshold)]
+    )
     group_ids = torch.tensor([i for i, g in enumerate(groups) for _ in g.samples])
-    keep = dapo_group_filter(accuracy, group_ids)
+    keep = dapo_group_filter(success, group_ids)
     kept_ids = sorted(set(group_ids[keep].tolist()))
     return [groups[i] for i in kept_ids], [results[i] for i in kept_ids]
 
@@ -388,7 +405,7 @@ def rollout_batch(
     step: int, config: Config, learner: Learner, side: RolloutSide, metrics: dict[str, float]
 ) -> list[Experience]:
     """Rank 0: the step's scored experiences; fills the generation and reward metrics."""
-    trainer, threshold = config.trainer, config.algo.success_threshold
+    trainer, algo = config.trainer, config.algo
     n = trainer.prompts_per_step
     generate_start = time.perf_counter()
     if not side.pending:
@@ -408,9 +425,9 @@ def rollout_batch(
 
     reward_start = time.perf_counter()
     results = score(side.rewards, groups)
-    metrics.update(rollout_metrics(groups, results, threshold))
+    metrics.update(rollout_metrics(groups, results, algo))
     if trainer.dynamic_sampling:
-        groups, results = keep_informative(groups, results, threshold)
+        groups, results = keep_informative(groups, results, algo)
         rounds = 0
         while len(groups) < n and rounds < trainer.max_extra_rounds:
             rounds += 1
@@ -420,7 +437,7 @@ def rollout_batch(
             prompts.update({p.uid: p for p in extra_launch.prompts})
             scored += zip((p.uid for p in extra_launch.prompts), extra_launch.epochs)
             restarts += extra_launch.restarts
-            more, more_results = keep_informative(extra, extra_results, threshold)
+            more, more_results = keep_informative(extra, extra_results, algo)
             groups, results = groups + more, results + more_results
             tokens += count_tokens(extra)
         groups, results = groups[:n], results[:n]
@@ -433,7 +450,7 @@ def rollout_batch(
     metrics["rollout/restarts"] = float(restarts)
     side.ledger.record(step, scored)
 
-    batch = to_experiences(groups, results, prompts, threshold)
+    batch = to_experiences(groups, results, prompts, algo)
     metrics.update(staleness_metrics(side.sync.version, [e.weight_version for e in batch]))
     stale = int(metrics["rollout/staleness"])
     limit = trainer.max_staleness if trainer.mode == "async" else 0
@@ -492,7 +509,7 @@ def evaluate(config: Config, learner: Learner, side: RolloutSide, step: int) -> 
     results = score(side.rewards, groups)
     scores = [r.scores[0] for r in results]
     return {
-        "eval/accuracy": statistics.fmean(ok for r in results for ok in succeeded(r, config.algo.success_threshold)),
+        "eval/accuracy": accuracy(results, config.algo.success_threshold),
         "eval/format": statistics.fmean(s.get("format", 0.0) for s in scores),
         "eval/reward_mean": statistics.fmean(s["overall"] for s in scores),
         "eval/prompts": float(len(groups)),

@@ -421,13 +421,13 @@ def compute_policy_loss(
     return pg_loss + config.kl_coef * kl, metrics
 
 
-def dapo_group_filter(accuracy: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
-    """(N,) bool: keep the samples of groups whose mean ``accuracy`` (N,) is strictly in (0, 1).
+def dapo_group_filter(success: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: keep the samples of groups whose mean ``success`` (N, 0 or 1) is strictly in (0, 1).
 
     DAPO's dynamic sampling drops groups that all succeed or all fail: they carry
     no group-relative signal.
     """
-    stats = group_stats(accuracy.to(torch.float32), group_ids)
+    stats = group_stats(success.to(torch.float32), group_ids)
     mean = stats.mean[stats.index]
     return (mean > 0) & (mean < 1)
 

@@ -66,6 +66,7 @@ RAY_METRICS: tuple[RayMetricSpec, ...] = (
     RayMetricSpec("reward/std", "Standard deviation of the overall reward of the step's rollouts"),
     RayMetricSpec("reward/accuracy", "Fraction of the step's rollouts with a correct answer"),
     RayMetricSpec("reward/format", "Fraction of the step's rollouts in the required format"),
+    RayMetricSpec("reward/success", "Fraction of the step's rollouts that succeeded (algo.success)"),
     RayMetricSpec("reward/graded", "Rollouts graded without failure"),
     RayMetricSpec("reward/retried", "Reward group calls made again on another actor after their actor died"),
     _family("reward/failed/", "kind", "Rollouts given reward 0 because grading failed, by failure kind"),
