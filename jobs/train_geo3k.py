@@ -11,9 +11,8 @@ Options: --config FILE, --preset NAME, --set key=value (repeatable), --resume, -
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
-from mapo_ray.job import connect_ray, job_config, job_parser, resolve_inputs, run_folder, summarize
+from mapo_ray.job import connect_ray, job_parser, preflight, summarize
 from mapo_ray.loop import train
 from mapo_ray.reward.pool import RewardPool
 from mapo_ray.rollout.actor import create_rollout_actors
@@ -23,24 +22,23 @@ def main(description: str = __doc__, default_preset: str | None = None) -> None:
     args = job_parser(description.splitlines()[0]).parse_args()
     started = time.perf_counter()
 
-    connect_ray()
-    config, preset = job_config(args, default_preset)
-    run_dir = run_folder(args.output, preset, args.resume)
-    config, model_path = resolve_inputs(config)
+    # A wrong key, file, column or folder is named here, before Ray starts.
+    job = preflight(args, default_preset)
+    config, run_dir, model_path = job.config, job.run_dir, job.model_path
     print(f"run folder: {run_dir}\nmodel: {model_path}\ntrain data: {config.data.train}", flush=True)
+    connect_ray()
 
     # The driver owns the rollout and reward actors; the learner reaches them through Ray Train.
     rollout_actors = create_rollout_actors(config.rollout, model_path, seed=config.seed)
     reward_pool = RewardPool(config.reward)
 
-    resume_from = Path(args.resume) if args.resume not in (None, "auto") else None
     train(
         config,
         run_dir=run_dir,
         model_path=model_path,
         rollout_actors=rollout_actors,
         reward_pool=reward_pool,
-        resume_from=resume_from,
+        resume_from=job.resume_from,
     )
     print("\n" + summarize(run_dir, time.perf_counter() - started), flush=True)
 

@@ -534,6 +534,20 @@ class Config:
                 f"rollout.group_size must be >= 2 for the group estimator algo.estimator "
                 f"{self.algo.estimator!r}, got {self.rollout.group_size}"
             )
+        # Batch arithmetic that no rollout can satisfy: each learner rank trains whole groups,
+        # split into learner.updates_per_step mini-batches of at least one sample.
+        trainer, samples = self.trainer, self.trainer.prompts_per_step * self.rollout.group_size
+        if trainer.prompts_per_step < trainer.num_learners:
+            raise ConfigError(
+                f"trainer.prompts_per_step ({trainer.prompts_per_step}) must be >= trainer.num_learners "
+                f"({trainer.num_learners}): each learner rank trains whole groups"
+            )
+        if samples < trainer.num_learners * self.learner.updates_per_step:
+            raise ConfigError(
+                f"learner.updates_per_step ({self.learner.updates_per_step}) x trainer.num_learners "
+                f"({trainer.num_learners}) mini-batches need at least that many samples per step; "
+                f"trainer.prompts_per_step x rollout.group_size gives {samples}"
+            )
         buffer = self.algo.overlong_buffer_len
         if buffer is not None and buffer > self.rollout.max_new_tokens:
             raise ConfigError(
@@ -775,7 +789,13 @@ def load_config(
             raise ConfigError(f"unknown preset {preset!r}{_hint(preset, PRESETS)}; presets: {sorted(PRESETS)}")
         _merge(tree, PRESETS[preset])
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text())
+        try:
+            with open(path) as stream:  # a stream, so that YAML's error marks name the file
+                loaded = yaml.safe_load(stream)
+        except OSError as error:
+            raise ConfigError(f"config file {path}: {error.strerror or error}") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
         _merge(tree, loaded or {})

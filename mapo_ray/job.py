@@ -13,8 +13,11 @@ import time
 from pathlib import Path
 
 import ray
+import torch
 
-from mapo_ray.config import TINY_VL, Config, load_config
+from mapo_ray.config import TINY_VL, Config, ConfigError, load_config
+from mapo_ray.data import DataError
+from mapo_ray.data.pipeline import open_split
 from mapo_ray.data.synthetic import write_task
 from mapo_ray.models.tiny import cache_dir, tiny_vl_path
 from mapo_ray.telemetry.ledger import LEDGER_FILE
@@ -40,27 +43,68 @@ def job_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+@dataclasses.dataclass(frozen=True)
+class JobInputs:
+    """What a job command asks for, checked (``preflight``)."""
+
+    config: Config
+    preset: str | None
+    run_dir: Path
+    model_path: Path
+    resume_from: Path | None  # a checkpoint folder; None for a fresh run or --resume auto
+
+
+def preflight(args: argparse.Namespace, default_preset: str | None = None) -> JobInputs:
+    """Check everything the command names before the run starts: the config (keys, values,
+    batch arithmetic), the data sources (files and columns), the model, the resume folder
+    and the run folder. Ray is started only when the preset depends on the cluster's GPUs
+    (no --preset or --config, no default, and a cluster address in RAY_ADDRESS).
+
+    Raises SystemExit with the problem, naming the key, file or folder.
+    """
+    try:
+        preset = job_preset(args, default_preset)
+        config, model_path = resolve_inputs(load_config(args.config, preset=preset, overrides=args.overrides))
+        for split in ("train", "test"):
+            open_split(config.data, split)
+    except (ConfigError, DataError) as error:
+        raise SystemExit(f"error: {error}") from None
+    resume_from = None
+    if args.resume not in (None, "auto"):
+        resume_from = Path(args.resume)
+        if not resume_from.is_dir():
+            raise SystemExit(f"error: --resume {args.resume}: no such checkpoint folder")
+    return JobInputs(config, preset, run_folder(args.output, preset, args.resume), model_path, resume_from)
+
+
+def job_preset(args: argparse.Namespace, default_preset: str | None = None) -> str | None:
+    """--preset; with neither --preset nor --config, ``default_preset``, else ``cpu-tiny``
+    where the cluster has no GPU (this machine's, for the local cluster the job starts)."""
+    if args.preset is not None or args.config is not None:
+        return args.preset
+    if default_preset is not None:
+        return default_preset
+    if os.environ.get("RAY_ADDRESS"):
+        connect_ray()
+        gpus = ray.cluster_resources().get("GPU", 0)
+    else:
+        gpus = torch.cuda.device_count()
+    return None if gpus else CPU_PRESET
+
+
 def connect_ray() -> None:
-    """Join the cluster this job runs in (``ray job submit`` sets RAY_ADDRESS), else start a local one."""
+    """Join the cluster this job runs in (``ray job submit`` sets RAY_ADDRESS), else start a
+    new local one: never one that an earlier ``ray start`` left behind on this machine."""
+    if ray.is_initialized():
+        return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address="auto")
         return
     # A local throw-away cluster: let its dashboard open without Ray 2.60's token.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    context = ray.init()
+    context = ray.init(address="local")
     if context.dashboard_url:
         print(f"Ray dashboard: http://{context.dashboard_url}", flush=True)
-
-
-def job_config(args: argparse.Namespace, default_preset: str | None = None) -> tuple[Config, str | None]:
-    """The config of ``args``. Without --preset or --config: ``default_preset``, else
-    ``cpu-tiny`` where the cluster has no GPU."""
-    preset = args.preset
-    if preset is None and args.config is None:
-        preset = default_preset
-        if preset is None and not ray.cluster_resources().get("GPU", 0):
-            preset = CPU_PRESET
-    return load_config(args.config, preset=preset, overrides=args.overrides), preset
 
 
 def run_folder(output: Path | None, preset: str | None, resume: str | None) -> Path:

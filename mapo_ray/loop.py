@@ -378,11 +378,10 @@ def training_step(step: int, config: Config, learner: Learner, side: RolloutSide
     metrics["time/learner_s"] = time.perf_counter() - learn_start
 
     sync_start = time.perf_counter()
-    if config.sync.enabled:
-        metrics["weight_version"] = float(sync_weights(learner, side))
-    else:
-        # The control run: the actors keep sampling with the starting weights.
-        metrics["weight_version"] = float(side.sync.version if side else -1)
+    # The control run (sync off): the actors keep sampling with the starting weights.
+    version = sync_weights(learner, side) if config.sync.enabled else (side.sync.version if side else -1)
+    # Only rank 0 talks to the actors; the others learn the version from it.
+    metrics["weight_version"] = float(broadcast(version, learner))
     metrics["time/sync_s"] = time.perf_counter() - sync_start
 
     if side:

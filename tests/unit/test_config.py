@@ -62,6 +62,32 @@ def test_null_and_unknown_preset_and_bad_file(tmp_path):
     bad.write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: top level must be a mapping"):
         load_config(bad)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("algo:\n  estimator: [mapo\n")
+    with pytest.raises(ConfigError, match=r"(?s)config file .*broken\.yaml is not valid YAML: .*broken\.yaml\", line 2"):
+        load_config(broken)
+    with pytest.raises(ConfigError, match=r"config file .*missing\.yaml: No such file"):
+        load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["trainer.prompts_per_step=2", "trainer.num_learners=4"],
+            r"trainer\.prompts_per_step \(2\) must be >= trainer\.num_learners \(4\)",
+        ),
+        (
+            ["trainer.prompts_per_step=2", "rollout.group_size=2", "learner.updates_per_step=5"],
+            r"learner\.updates_per_step \(5\) x trainer\.num_learners \(1\).*gives 4",
+        ),
+    ],
+)
+def test_batch_arithmetic_that_cannot_work_is_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(preset="cpu-tiny", overrides=overrides)
+    # The boundary works: 4 samples, 4 mini-batches of one.
+    load_config(preset="cpu-tiny", overrides=["trainer.prompts_per_step=2", "rollout.group_size=2", "learner.updates_per_step=4"])
 
 
 @pytest.mark.parametrize("name", ["geo3k-qwen25vl-7b", "emoset-qwen25vl-7b"])

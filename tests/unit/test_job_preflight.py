@@ -1,0 +1,77 @@
+"""A job command's mistakes are named before Ray starts (``mapo_ray.job.preflight``)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from mapo_ray.job import job_parser, preflight
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def check(tmp_path: Path, *argv: str) -> str:
+    """The SystemExit message of ``preflight`` for ``argv`` (with --output in ``tmp_path``)."""
+    args = job_parser("test").parse_args(["--preset", "cpu-tiny", "--output", str(tmp_path / "run"), *argv])
+    with pytest.raises(SystemExit) as error:
+        preflight(args)
+    assert not ray.is_initialized()
+    assert not (tmp_path / "run").exists()  # nothing is left behind by a refused command
+    return str(error.value)
+
+
+def test_a_wrong_key_or_value_is_named(tmp_path):
+    assert "unknown config key 'algo.estimater'; did you mean 'algo.estimator'?" in check(
+        tmp_path, "--set", "algo.estimater=mapo"
+    )
+    assert "algo.clip_ratio_low must be in [0, 1)" in check(tmp_path, "--set", "algo.clip_ratio_low=1.5")
+
+
+def test_batch_arithmetic_that_cannot_work_is_named(tmp_path):
+    message = check(tmp_path, "--set", "learner.updates_per_step=1000")
+    assert "learner.updates_per_step (1000)" in message and "gives 128" in message
+
+
+def test_a_missing_or_malformed_config_file_is_named(tmp_path):
+    assert f"config file {tmp_path / 'none.yaml'}: No such file" in check(tmp_path, "--config", str(tmp_path / "none.yaml"))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("trainer: {total_steps: 3\n")
+    assert f"config file {broken} is not valid YAML" in check(tmp_path, "--config", str(broken))
+
+
+def test_a_missing_data_file_or_column_is_named(tmp_path):
+    missing = tmp_path / "none.parquet"
+    assert f"'{missing}': no such file" in check(tmp_path, "--set", f"data.train={missing}")
+    no_answer = tmp_path / "no_answer.parquet"
+    pq.write_table(pa.table({"problem": ["?"], "images": [[{"bytes": b"", "path": None}]]}), no_answer)
+    assert "missing column 'answer'" in check(tmp_path, "--set", f"data.test={no_answer}")
+
+
+def test_a_resume_folder_that_does_not_exist_is_named(tmp_path):
+    assert f"--resume {tmp_path / 'ckpt'}: no such checkpoint folder" in check(
+        tmp_path, "--resume", str(tmp_path / "ckpt")
+    )
+
+
+def test_the_job_script_refuses_before_starting_ray(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(
+        [sys.executable, "jobs/train_geo3k.py", "--set", "trainer.totl_steps=3", "--output", str(tmp_path / "run")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1
+    assert "error: unknown config key 'trainer.totl_steps'; did you mean 'trainer.total_steps'?" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert "Started a local Ray instance" not in done.stdout + done.stderr
+    assert not (tmp_path / "run").exists()
