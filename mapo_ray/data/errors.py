@@ -18,6 +18,7 @@ SKIP_REASONS: tuple[str, ...] = (
     "empty_problem",
     "placeholder_mismatch",  # number of <image> in the problem != number of images
     "missing_answer",  # answer null, empty or not a string
+    "invalid_text",  # a text cell whose bytes are not UTF-8
     "unknown_label",  # EmoSet label outside its eight emotions
     "prompt_too_long",  # templated prompt, image tokens included, over data.max_prompt_tokens
 )

@@ -120,6 +120,25 @@ def emoset_as_geo3k(row: Mapping[str, Any]) -> dict[str, Any]:
     return {"images": [row.get("image")], "problem": EMOSET_QUESTION, "answer": label}
 
 
+def python_rows(table: pa.Table) -> Iterator[tuple[dict[str, Any], RowSkip | None]]:
+    """Each row of ``table`` as a dict, with None, or with a ``RowSkip`` when one of its
+    text cells is not UTF-8 (the dict then lacks that cell): Arrow does not check the
+    bytes of a string column when it reads a file, only when a cell becomes a ``str``."""
+    try:
+        yield from ((row, None) for row in table.to_pylist())
+        return
+    except UnicodeDecodeError:
+        pass
+    for index in range(table.num_rows):
+        row, bad = {}, []
+        for name in table.column_names:
+            try:
+                row[name] = table[name][index].as_py()
+            except UnicodeDecodeError as err:
+                bad.append(f"column {name!r} is not UTF-8 ({err.reason} at byte {err.start})")
+        yield row, RowSkip("invalid_text", "; ".join(bad)) if bad else None
+
+
 def prepare_table(
     table: pa.Table,
     prepare: Callable[[Mapping[str, Any]], Prepared],
@@ -131,8 +150,10 @@ def prepare_table(
     ``passthrough``, taken from ``table`` unchanged), one row per input row.
     """
     columns: dict[str, list[Any]] = {name: [] for name in OUTPUT_COLUMNS}
-    for row in table.drop_columns(list(passthrough)).to_pylist():
+    for row, invalid in python_rows(table.drop_columns(list(passthrough))):
         try:
+            if invalid is not None:
+                raise invalid
             prompt, images, answer = prepare(row)
             reason = detail = ""
         except RowSkip as skip:

@@ -227,3 +227,23 @@ def test_prepare_prompts_skips_rows_over_max_prompt_tokens_with_the_real_tokeniz
     assert [(reason, uid) for reason, uid, _ in skipped] == [("prompt_too_long", "f#1")]
     kept, skipped = drop_skipped(prepared(short - 1))
     assert kept.num_rows == 0 and len(skipped) == 2
+
+
+def test_a_text_cell_that_is_not_utf8_skips_its_row_and_names_the_column(tmp_path):
+    import pyarrow.parquet as pq
+
+    raw = pa.array([b"1", b"\xff\xfe2", b"3"], pa.binary())
+    # A string column with bytes Arrow never checked, as a file written by another tool may hold.
+    answers = pa.Array.from_buffers(pa.string(), len(raw), raw.buffers())
+    table = raw_table().set_column(2, "answer", answers)
+    pq.write_table(table, tmp_path / "bad.parquet")
+    read_back = pq.read_table(tmp_path / "bad.parquet")
+    with pytest.raises(UnicodeDecodeError):
+        read_back.to_pylist()
+
+    out = prepare_table(read_back, prepare, passthrough=["id", "choices"])
+    assert out["uid"].to_pylist() == ["f#0", "f#1", "f#2"]
+    # Row 2 is prepared as before: its answer "3" is good and its image too.
+    assert out["skip_reason"].to_pylist() == ["", "invalid_text", ""]
+    assert out["skip_detail"][1].as_py() == "column 'answer' is not UTF-8 (invalid start byte at byte 0)"
+    assert out["answer"].to_pylist() == ["1", "", "3"]
