@@ -43,6 +43,7 @@ from ray.actor import ActorHandle
 
 from mapo_ray.algo import advantage_diagnostics, dapo_group_filter
 from mapo_ray.config import AlgoConfig, Config
+from mapo_ray.data import DataError
 from mapo_ray.data.pipeline import PromptBatches, open_split, prompt_dataset
 from mapo_ray.learner import Experience, Learner, shard_by_group
 from mapo_ray.learner.sft import warm_start
@@ -135,18 +136,27 @@ class PromptStream:
             self.position = DataPosition(epoch, self.position.taken + 1)
 
 
-def load_eval_prompts(config: Config, tokenizer_path: str) -> list[Prompt]:
-    """The first ``trainer.eval_prompts`` prompts of the test split (all when None), in fixed order."""
+def load_eval_prompts(config: Config, tokenizer_path: str) -> tuple[list[Prompt], dict[str, int]]:
+    """The first ``trainer.eval_prompts`` prompts of the test split (all when None), in fixed
+    order, and the count of rows skipped on the way, by reason.
+
+    Raises ``DataError`` when the split gives no usable prompt.
+    """
     limit = config.trainer.eval_prompts
     dataset = prompt_dataset(
         open_split(config.data, "test"), config.data, tokenizer_path=tokenizer_path, seed=config.seed
     )
     prompts: list[Prompt] = []
-    for batch in PromptBatches(dataset, batch_size=256):
+    batches = PromptBatches(dataset, batch_size=256)
+    for batch in batches:
         prompts += prompts_from_batch(batch)
         if limit is not None and len(prompts) >= limit:
-            return prompts[:limit]
-    return prompts
+            prompts = prompts[:limit]
+            break
+    if not prompts:
+        skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(batches.skipped.items())) or "none"
+        raise DataError(f"the test split {config.data.test} has no usable row (rows skipped: {skipped})")
+    return prompts, dict(batches.skipped)
 
 
 # ------------------------------------------------------------------------- rollouts
@@ -285,6 +295,7 @@ class RolloutSide:
     sync: RayWeightSync
     stream: PromptStream
     eval_prompts: list[Prompt]
+    eval_skipped: dict[str, int]  # test rows skipped while reading eval_prompts, by reason
     logger: RunLogger
     ledger: PromptLedger
     pending: deque[Launch] = field(default_factory=deque)
@@ -323,12 +334,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # or the warm-started policy (version 0), are sent before the first step.
         resend = start_step > 0 or config.sft.steps > 0
         sync.version = start_step - 1 if resend else 0
+        eval_prompts, eval_skipped = [], {}
+        if trainer.eval_every:
+            eval_prompts, eval_skipped = load_eval_prompts(config, loop_config["model_path"])
         side = RolloutSide(
             actors=loop_config["rollout_actors"],
             rewards=loop_config["reward_pool"],
             sync=sync,
             stream=PromptStream(config, loop_config["model_path"], position),
-            eval_prompts=load_eval_prompts(config, loop_config["model_path"]) if trainer.eval_every else [],
+            eval_prompts=eval_prompts,
+            eval_skipped=eval_skipped,
             logger=RunLogger(loop_config["run_dir"], total_steps=trainer.total_steps, start_step=start_step),
             ledger=PromptLedger(loop_config["run_dir"]),
         )
@@ -512,6 +527,7 @@ def evaluate(config: Config, learner: Learner, side: RolloutSide, step: int) -> 
         "eval/format": statistics.fmean(s.get("format", 0.0) for s in scores),
         "eval/reward_mean": statistics.fmean(s["overall"] for s in scores),
         "eval/prompts": float(len(groups)),
+        **{f"eval/skipped/{reason}": float(n) for reason, n in side.eval_skipped.items()},
     }
 
 

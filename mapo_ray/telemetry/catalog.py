@@ -120,6 +120,7 @@ RAY_METRICS: tuple[RayMetricSpec, ...] = (
     RayMetricSpec("eval/format", "Fraction of evaluation responses in the required format"),
     RayMetricSpec("eval/reward_mean", "Mean overall reward on the evaluation set"),
     RayMetricSpec("eval/prompts", "Prompts in the evaluation"),
+    _family("eval/skipped/", "reason", "Test rows skipped while reading the evaluation prompts, by reason"),
 )
 
 _EXACT: dict[str, RayMetricSpec] = {spec.key: spec for spec in RAY_METRICS if spec.tag is None}

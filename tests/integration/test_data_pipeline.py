@@ -148,3 +148,28 @@ def test_emoset_jsonl_becomes_emotion_prompts(ray_cluster, tmp_path, tiny_path):
     assert got == {0: "awe", 1: "fear", 2: "sadness", 3: "amusement", 5: "anger"}
     assert all("Which emotion" in p and p.count(VISION) == 1 for p in batch["prompt"])
     assert metrics["data/skipped/unknown_label"] == 1 and metrics["data/skipped/missing_image"] == 1
+
+
+def test_evaluation_prompts_count_their_skips_and_an_unusable_test_split_is_named(ray_cluster, tmp_path, tiny_path):
+    from mapo_ray.config import load_config
+    from mapo_ray.data import DataError
+    from mapo_ray.loop import load_eval_prompts
+
+    good = {"bytes": png(100, 80), "path": "good.png"}
+    broken = {"bytes": b"\x89PNG\r\n\x1a\n broken", "path": "bad.png"}
+    raw = pa.array([b"3", b"\xff4", b"5"], pa.binary())
+    # A string column whose bytes Arrow never checked (one cell is not UTF-8), as another tool may write.
+    answers = pa.Array.from_buffers(pa.string(), len(raw), raw.buffers())
+    images = pa.array([[good], [good], [broken]], pa.list_(IMAGE))
+    table = pa.table({"images": images, "problem": ["<image>Find x."] * 3, "answer": answers})
+    pq.write_table(table, tmp_path / "mixed.parquet")
+    pq.write_table(table.slice(1), tmp_path / "unusable.parquet")
+
+    def settings(test):
+        return load_config(preset="cpu-tiny", overrides=[f"data.test={tmp_path / test}", "data.num_workers=1"])
+
+    prompts, skipped = load_eval_prompts(settings("mixed.parquet"), tiny_path)
+    assert [p.answer for p in prompts] == ["3"]
+    assert skipped == {"invalid_text": 1, "corrupt_image": 1}
+    with pytest.raises(DataError, match=r"unusable\.parquet has no usable row \(rows skipped: 1 corrupt_image, 1 invalid_text\)"):
+        load_eval_prompts(settings("unusable.parquet"), tiny_path)
