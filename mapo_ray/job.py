@@ -108,9 +108,11 @@ def connect_ray() -> None:
 
 
 def run_folder(output: Path | None, preset: str | None, resume: str | None) -> Path:
-    """The run folder; an existing run there needs ``--resume auto`` (never overwritten silently)."""
+    """The run folder; a run with a checkpoint there needs ``--resume auto`` (never
+    overwritten silently). A folder whose run failed before its first checkpoint (Ray
+    Train has left only its storage marker) is used again, as a fresh run."""
     folder = output or Path("runs") / f"{preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if (folder / "checkpoints").exists() and resume != "auto":
+    if any(p.is_dir() for p in (folder / "checkpoints").glob("checkpoint_*")) and resume != "auto":
         raise SystemExit(f"{folder} already holds a run: pass --resume auto to continue it, or another --output")
     folder.mkdir(parents=True, exist_ok=True)
     return folder.resolve()

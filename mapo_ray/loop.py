@@ -345,7 +345,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             eval_prompts=eval_prompts,
             eval_skipped=eval_skipped,
             logger=RunLogger(loop_config["run_dir"], total_steps=trainer.total_steps, start_step=start_step),
-            ledger=PromptLedger(loop_config["run_dir"]),
+            ledger=PromptLedger(loop_config["run_dir"], start_step),
         )
         side.sync.connect(side.actors)
     warm_metrics: dict[str, float] = {}

@@ -4,8 +4,8 @@ One line per step, ``{"step": 3, "time": ..., "prompts": [{"uid": "a#7", "epoch"
 the prompts in the order the step scored them, each with the data epoch it was drawn
 in. It is how a run shows that recovering from a failure lost no prompt and scored
 none twice: within an epoch every uid should appear exactly once. Like
-``metrics.jsonl``, a resumed run appends, and a later line for a step replaces the
-earlier one (the steps after the restored checkpoint are done again).
+``metrics.jsonl``, a resumed run keeps the lines up to the step it resumes from and
+drops the later ones, which it does again.
 """
 
 from __future__ import annotations
@@ -15,19 +15,18 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from mapo_ray.telemetry.records import _drop_torn_tail
+from mapo_ray.telemetry.records import open_step_log
 
 LEDGER_FILE = "ledger.jsonl"
 
 
 class PromptLedger:
-    """Appends one flushed line per step to ``run_dir/ledger.jsonl``."""
+    """Appends one flushed line per step to ``run_dir/ledger.jsonl``, after the lines of
+    steps up to ``start_step`` (the step a resumed run restarts after; 0: a fresh run)."""
 
-    def __init__(self, run_dir: str | Path) -> None:
+    def __init__(self, run_dir: str | Path, start_step: int = 0) -> None:
         self.path = Path(run_dir) / LEDGER_FILE
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        _drop_torn_tail(self.path)
-        self._file = self.path.open("a", encoding="utf-8")
+        self._file = open_step_log(self.path, start_step)
 
     def record(self, step: int, prompts: Iterable[tuple[str, int]]) -> None:
         """Step ``step`` scored ``prompts``: ``(uid, epoch)`` pairs in scoring order."""

@@ -24,12 +24,14 @@ class RunLogger:
     """Telemetry of one run, written under ``run_dir``.
 
     Args:
-        run_dir: the run folder; ``metrics.jsonl`` there is appended to, not replaced.
+        run_dir: the run folder; ``metrics.jsonl`` there keeps its lines up to
+            ``start_step`` and is appended to.
         total_steps: the step count the run ends at, for the progress ETA.
         run_name: the ``run`` tag of the Ray gauges; default the folder's name.
-        start_step: the step a resumed run restarts after (0 for a fresh run). Its
-            TensorBoard events past that step, logged before the interruption, are
-            hidden; in ``metrics.jsonl`` readers let the later line of a step win.
+        start_step: the step a resumed run restarts after (0 for a fresh run). The
+            TensorBoard events and ``metrics.jsonl`` lines of later steps in this folder
+            (all of them for a fresh run), logged before an interruption, are hidden
+            and removed: the run logs those steps again.
         stream: console output; default stdout.
     """
 
@@ -44,10 +46,10 @@ class RunLogger:
     ) -> None:
         self.run_dir = Path(run_dir)
         self.run_name = run_name if run_name is not None else self.run_dir.resolve().name
-        self._jsonl = JsonlWriter(self.run_dir / METRICS_FILE)
+        self._jsonl = JsonlWriter(self.run_dir / METRICS_FILE, start_step)
         # purge_step hides events at or after it from an earlier session in this folder.
         self._tensorboard = SummaryWriter(
-            log_dir=str(self.run_dir), purge_step=start_step + 1 if start_step > 0 else None
+            log_dir=str(self.run_dir), purge_step=start_step + 1 if start_step > 0 else 0
         )
         self._ray = RayMetricsExporter(self.run_name) if ray.is_initialized() else None
         self._progress = Progress(total_steps, start_step=start_step, stream=stream)

@@ -3,8 +3,9 @@
 ``metrics.jsonl`` holds one JSON object per line: ``step``, ``time`` (Unix seconds)
 and the metrics, slash-separated keys as the training loop names them. An
 evaluation is its own line whose metric keys all start with ``eval/``. A resumed
-run appends to the same file, so a step may appear twice (logged before a crash,
-then again after resuming from an earlier checkpoint); readers take the later line.
+run keeps the lines up to the step it resumes from and drops the later ones (logged
+before the interruption, and done again now), so each step has one train line and at
+most one evaluation line.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 logger = logging.getLogger(__name__)
 
@@ -67,13 +68,12 @@ def _number(step: int, key: str, value: Any) -> int | float:
 
 
 class JsonlWriter:
-    """Appends records to ``path``, one flushed line each, so a resumed run continues it."""
+    """Appends records to ``path``, one flushed line each, after the lines of steps up to
+    ``start_step`` that are there already (``open_step_log``)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, start_step: int = 0) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        _drop_torn_tail(self.path)
-        self._file = self.path.open("a", encoding="utf-8")
+        self._file = open_step_log(self.path, start_step)
 
     def write(self, step: int, metrics: Metrics) -> None:
         """One line ``{"step", "time", **metrics}``; NaN and inf become ``null`` (with a
@@ -88,6 +88,32 @@ class JsonlWriter:
 
     def close(self) -> None:
         self._file.close()
+
+
+def open_step_log(path: Path, start_step: int) -> TextIO:
+    """``path``, a file of JSON lines each with a ``step``, open for appending from a run
+    that starts after ``start_step``: the lines of later steps are removed (a resumed run
+    does those steps again), and all lines for a fresh run (``start_step`` 0), since the
+    steps of an earlier attempt that left no checkpoint are done again too."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _drop_torn_tail(path)
+    if path.exists():
+        with path.open(encoding="utf-8") as f:
+            lines = f.readlines()
+        kept = [line for line in lines if start_step > 0 and _step_of(line) <= start_step]
+        if len(kept) < len(lines):
+            logger.warning("%s: dropping %d line(s) after step %d, done again now", path, len(lines) - len(kept), start_step)
+            partial = path.with_name(path.name + ".partial")
+            partial.write_text("".join(kept), encoding="utf-8")
+            partial.replace(path)  # atomic: a crash leaves the old file or the new one
+    return path.open("a", encoding="utf-8")
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"not a step line ({type(err).__name__}: {err}): {line[:200]!r}") from err
 
 
 def _drop_torn_tail(path: Path) -> None:

@@ -75,3 +75,16 @@ def test_the_job_script_refuses_before_starting_ray(tmp_path):
     assert "Traceback" not in done.stderr
     assert "Started a local Ray instance" not in done.stdout + done.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_folder_with_a_checkpoint_needs_resume_but_a_failed_first_attempt_does_not(tmp_path):
+    from mapo_ray.job import run_folder
+
+    folder = tmp_path / "run"
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "checkpoints" / ".validate_storage_marker").touch()  # all a run that failed early leaves
+    assert run_folder(folder, "cpu-tiny", None) == folder.resolve()
+    (folder / "checkpoints" / "checkpoint_2026-12-02_06-39-04.487023").mkdir()
+    with pytest.raises(SystemExit, match="already holds a run: pass --resume auto"):
+        run_folder(folder, "cpu-tiny", None)
+    assert run_folder(folder, "cpu-tiny", "auto") == folder.resolve()

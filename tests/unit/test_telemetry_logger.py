@@ -42,7 +42,7 @@ def test_log_and_log_eval_reach_jsonl_tensorboard_and_console(tmp_path):
     assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "certainty.png").stat().st_size > 0
 
 
-def test_resume_appends_and_hides_the_interrupted_sessions_later_steps(tmp_path):
+def test_resume_drops_and_hides_the_interrupted_sessions_later_steps(tmp_path):
     first = RunLogger(tmp_path, total_steps=6, stream=io.StringIO())
     for step in range(1, 6):
         first.log(step, {"reward/mean": step / 10})
@@ -54,12 +54,18 @@ def test_resume_appends_and_hides_the_interrupted_sessions_later_steps(tmp_path)
             resumed.log(step, {"reward/mean": step / 100})
 
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [
-        1, 2, 3, 4, 5, 4, 5, 6,
+        1, 2, 3, 4, 5, 6,
     ]
     steps, values = [1, 2, 3, 4, 5, 6], [0.1, 0.2, 0.3, 0.04, 0.05, 0.06]
     jsonl_steps, jsonl_values = read_metrics(tmp_path / "metrics.jsonl").series("reward/mean")
     assert jsonl_steps == steps and jsonl_values == pytest.approx(values)
     assert scalars(tmp_path, "reward/mean") == list(zip(steps, values))
+
+    # A fresh run in the folder (the earlier attempts are gone: no checkpoint was kept).
+    with RunLogger(tmp_path, total_steps=2, stream=io.StringIO()) as fresh:
+        fresh.log(1, {"reward/mean": 0.5})
+    assert read_metrics(tmp_path / "metrics.jsonl").series("reward/mean") == ([1], [0.5])
+    assert scalars(tmp_path, "reward/mean") == [(1, 0.5)]
 
 
 def test_steps_must_increase(tmp_path):

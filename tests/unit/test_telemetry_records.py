@@ -49,30 +49,36 @@ def test_clean_metrics_rejects_bad_step(step):
         clean_metrics(step, {})
 
 
-def test_writer_lines_and_resume_append(tmp_path):
+def test_writer_lines_and_a_resume_that_drops_the_steps_it_does_again(tmp_path):
     path = tmp_path / "run" / "metrics.jsonl"
     first = JsonlWriter(path)
+    first.write(0, {"eval/accuracy": 0.1})  # the warm-start's evaluation
     first.write(1, {"reward/mean": 0.25, "data/skipped/corrupt_image": 2})
     first.write(2, {"reward/mean": 0.5})
     # Each line is on disk as soon as it is written, before close.
-    assert len(path.read_text().splitlines()) == 2
+    assert len(path.read_text().splitlines()) == 3
     first.close()
 
-    resumed = JsonlWriter(path)
-    resumed.write(2, {"reward/mean": 0.75})  # the same step again after a resume
+    resumed = JsonlWriter(path, start_step=1)  # from the step-1 checkpoint: step 2 again
+    resumed.write(2, {"reward/mean": 0.75})
     resumed.write(3, {"eval/accuracy": 0.4})
     resumed.close()
 
     lines = [json.loads(line) for line in path.read_text().splitlines()]
-    assert [line["step"] for line in lines] == [1, 2, 2, 3]
-    assert lines[0]["data/skipped/corrupt_image"] == 2 and isinstance(lines[0]["data/skipped/corrupt_image"], int)
+    assert [line["step"] for line in lines] == [0, 1, 2, 3]
+    assert lines[1]["data/skipped/corrupt_image"] == 2 and isinstance(lines[1]["data/skipped/corrupt_image"], int)
     assert all(isinstance(line["time"], float) for line in lines)
     assert lines[0]["time"] <= lines[-1]["time"]
 
     history = read_metrics(path)
-    assert history.series("reward/mean") == ([1, 2], [0.25, 0.75])  # the later line wins
-    assert history.series("eval/accuracy") == ([3], [0.4])
+    assert history.series("reward/mean") == ([1, 2], [0.25, 0.75])
+    assert history.series("eval/accuracy") == ([0, 3], [0.1, 0.4])
     assert 3 not in history.train
+
+    fresh = JsonlWriter(path)  # a fresh run in this folder: the earlier attempt left no checkpoint
+    fresh.write(1, {"reward/mean": 0.3})
+    fresh.close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1]
 
 
 def test_non_finite_values_become_null_with_a_warning(tmp_path, caplog):
@@ -93,7 +99,7 @@ def test_torn_last_line_is_dropped_on_resume(tmp_path, caplog):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "time": 0.0, "reward/mean": 0.1}\n{"step": 2, "time": 0.0, "rew')
     with caplog.at_level(logging.WARNING):
-        writer = JsonlWriter(path)
+        writer = JsonlWriter(path, start_step=1)
     assert "unfinished last line" in caplog.text
     writer.write(2, {"reward/mean": 0.2})
     writer.close()
