@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import ray
@@ -24,6 +26,8 @@ from mapo_ray.telemetry.ledger import LEDGER_FILE
 from mapo_ray.telemetry.records import METRICS_FILE, read_metrics
 
 SYNTHETIC = "synthetic"
+# Set by Ray in a submitted job's driver: the job's runtime_env and metadata, as JSON.
+RAY_JOB_CONFIG = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 # What a machine without GPUs runs by default; with GPUs the job needs a preset or config.
 CPU_PRESET = "cpu-tiny"
 
@@ -107,11 +111,27 @@ def connect_ray() -> None:
         print(f"Ray dashboard: http://{context.dashboard_url}", flush=True)
 
 
+def in_working_dir_copy(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether this is a job that ``ray job submit --working-dir`` started: its working
+    directory is then Ray's temporary copy, deleted with the cluster."""
+    job = json.loads(environ.get(RAY_JOB_CONFIG) or "{}")
+    return bool((job.get("runtime_env") or {}).get("working_dir"))
+
+
+def runs_root(environ: Mapping[str, str] = os.environ) -> Path:
+    """Where run folders go without --output: ``runs/`` here, or ``~/mapo-ray/runs`` in
+    Ray's temporary copy of a working directory."""
+    return Path.home() / "mapo-ray" / "runs" if in_working_dir_copy(environ) else Path("runs")
+
+
 def run_folder(output: Path | None, preset: str | None, resume: str | None) -> Path:
     """The run folder; a run with a checkpoint there needs ``--resume auto`` (never
     overwritten silently). A folder whose run failed before its first checkpoint (Ray
     Train has left only its storage marker) is used again, as a fresh run."""
-    folder = output or Path("runs") / f"{preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if output is not None and not output.is_absolute() and in_working_dir_copy():
+        print(f"warning: --output {output} is inside Ray's temporary copy of the working directory, "
+              "deleted with the cluster; give an absolute path on lasting storage", flush=True)
+    folder = output or runs_root() / f"{preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
     if any(p.is_dir() for p in (folder / "checkpoints").glob("checkpoint_*")) and resume != "auto":
         raise SystemExit(f"{folder} already holds a run: pass --resume auto to continue it, or another --output")
     folder.mkdir(parents=True, exist_ok=True)

@@ -88,3 +88,14 @@ def test_a_run_folder_with_a_checkpoint_needs_resume_but_a_failed_first_attempt_
     with pytest.raises(SystemExit, match="already holds a run: pass --resume auto"):
         run_folder(folder, "cpu-tiny", None)
     assert run_folder(folder, "cpu-tiny", "auto") == folder.resolve()
+
+
+def test_a_submitted_job_with_a_working_dir_keeps_its_runs_outside_the_copy():
+    import json
+
+    from mapo_ray.job import RAY_JOB_CONFIG, runs_root
+
+    assert runs_root({}) == Path("runs")
+    assert runs_root({RAY_JOB_CONFIG: json.dumps({"runtime_env": {}, "metadata": {}})}) == Path("runs")
+    submitted = {RAY_JOB_CONFIG: json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_1.zip"}})}
+    assert runs_root(submitted) == Path.home() / "mapo-ray" / "runs"
