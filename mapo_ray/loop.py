@@ -311,14 +311,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank = dist.get_rank()
 
     start_step, position = 0, DataPosition()
-    # Ray Train's own (a restart after a failure, or --resume auto on the same run
-    # folder) comes first; else a checkpoint folder named with --resume PATH.
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and loop_config.get("resume_from"):
-        checkpoint = ray.train.Checkpoint.from_directory(loop_config["resume_from"])
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = learner.load(folder)
+    candidates = checkpoints_to_restore(Path(loop_config["run_dir"]), loop_config.get("resume_from"))
+    if candidates:
+        folder, state = learner.load_first_complete(candidates)
+        if folder != candidates[0] and rank == 0:
+            print(f"restored the learner from {folder}, the newest checkpoint that loads", flush=True)
         start_step, position = state["step"], DataPosition(**state["data"])
 
     side = None
@@ -376,6 +373,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         side.logger.close()
         side.ledger.close()
         side.sync.close()
+
+
+def checkpoints_to_restore(run_dir: Path, resume_from: str | None) -> list[Path]:
+    """The checkpoint folders to restore from, the one to try first first.
+
+    Ray Train's own (a restart after a failure, or --resume auto on the same run folder),
+    then the older ones it keeps beside it under ``run_dir/checkpoints``, in case the
+    newest is incomplete (a crash while it was written); else the folder of
+    --resume PATH alone; else none.
+    """
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return [Path(resume_from)] if resume_from else []
+    newest = Path(checkpoint.path)
+    # Ray Train names them checkpoint_<date>_<time>: newest last in name order.
+    older = [p for p in (run_dir / "checkpoints").glob("checkpoint_*") if p.is_dir() and p.name < newest.name]
+    return [newest, *sorted(older, reverse=True)]
 
 
 def training_step(step: int, config: Config, learner: Learner, side: RolloutSide | None) -> dict[str, float]:

@@ -503,6 +503,27 @@ class Learner:
         self.step = state["learner_step"]
         return state["client_state"]
 
+    def load_first_complete(self, folders: Sequence[str | os.PathLike]) -> tuple[Path, dict[str, Any]]:
+        """``load`` the first of ``folders`` (newest first) that every rank reads whole
+        (collective); returns it and its ``client_state``. A folder that fails on any
+        rank (a missing or truncated file) is logged with the error and the next tried.
+
+        Raises ``RuntimeError`` naming each folder and why, when none loads.
+        """
+        problems: list[str] = []
+        for folder in map(Path, folders):
+            try:
+                state, error = self.load(folder), ""
+            except Exception as err:  # a truncated file fails in whatever torch or DeepSpeed reads first
+                state, error = {}, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            failed = torch.tensor([float(bool(error))], device=self.device)
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+            if not failed.item():
+                return folder, state
+            problems.append(f"{folder}: {error or 'failed on another rank'}")
+            print(f"rank {self.rank}: cannot restore learner checkpoint {problems[-1]}; trying an older one", flush=True)
+        raise RuntimeError("no learner checkpoint could be restored: " + "; ".join(problems))
+
     def export_hf(self, folder: str | os.PathLike) -> None:
         """Save the policy as a Hugging Face folder (weights, config, tokenizer, image processor).
 

@@ -1,6 +1,7 @@
 """The whole loop on a local Ray cluster: two learner workers under DeepSpeed ZeRO-2, a
 rollout actor, a reward pool, weight sync and checkpoints; then a resume from the
-step-2 checkpoint that must reproduce step 3 of the uninterrupted run exactly.
+step-2 checkpoint that must reproduce step 3 of the uninterrupted run exactly, and a
+resume of the same run folder whose newest checkpoint is truncated.
 """
 
 from __future__ import annotations
@@ -104,3 +105,19 @@ def test_three_steps_then_an_exact_resume_from_step_two(ray_cluster, tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+    # The same run folder again (--resume auto) after a crash cut its newest checkpoint
+    # short: Ray Train offers the step-3 checkpoint, which does not load, so the learner
+    # falls back to step 2 and does step 3 again, logged once.
+    states = checkpoints[2] / "learner" / "mp_rank_00_model_states.pt"
+    states.write_bytes(states.read_bytes()[:1000])
+    result, versions = run(config(tmp_path, 3), first)
+    assert result.error is None and versions == [3]
+    assert [json.loads(line)["step"] for line in (first / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert [json.loads(line)["step"] for line in (first / "ledger.jsonl").read_text().splitlines()] == [1, 2, 3]
+    again = steps(first)
+    for key in same:
+        assert again[3][key] == logged[3][key], key
+    c = load_file(first / "policy/model.safetensors")
+    for name in a:
+        assert torch.equal(a[name], c[name]), name

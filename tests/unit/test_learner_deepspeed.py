@@ -379,6 +379,24 @@ def test_load_names_a_missing_checkpoint(frozen_learner, tmp_path):
         frozen_learner.load(tmp_path / "nowhere")
 
 
+def test_a_truncated_newest_checkpoint_falls_back_to_the_older_one(batch, tmp_path):
+    trained = Learner(_config("learner.zero_stage=0"), tiny_vl_path())
+    trained.save(tmp_path / "older", client_state={"step": 1})
+    before = _params(trained)
+    trained.update(batch, trained.advantages(batch))
+    trained.save(tmp_path / "newer", client_state={"step": 2})
+    states = tmp_path / "newer" / "learner" / "mp_rank_00_model_states.pt"
+    states.write_bytes(states.read_bytes()[: states.stat().st_size // 2])  # a crash mid-write
+
+    resumed = Learner(_config("learner.zero_stage=0"), tiny_vl_path())
+    folder, state = resumed.load_first_complete([tmp_path / "newer", tmp_path / "older"])
+    assert (folder, state) == (tmp_path / "older", {"step": 1})
+    _assert_equal_nested(_params(resumed), before, "params")
+
+    with pytest.raises(RuntimeError, match=r"no learner checkpoint could be restored: .*newer: \w+Error"):
+        resumed.load_first_complete([tmp_path / "newer"])
+
+
 def test_export_hf_loads_with_from_pretrained(batch, tmp_path):
     learner = Learner(_config("learner.zero_stage=3"), tiny_vl_path())
     learner.update(batch, learner.advantages(batch))
