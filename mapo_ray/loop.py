@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 import statistics
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -59,6 +59,7 @@ from mapo_ray.telemetry.ledger import PromptLedger
 
 # Salts of the seed streams, so training and evaluation never share samples.
 _TRAIN_SEED, _EVAL_SEED = 1, 2
+STAGING = ".staging"  # under the run folder: each rank's checkpoint before Ray Train copies it
 _HEADLINE = ("step", "weight_version", "reward/mean", "reward/accuracy", "actor/pg_loss")
 
 
@@ -366,7 +367,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 eval_metrics = evaluate(config, learner, side, step)
                 side.logger.log_eval(step, eval_metrics)
                 metrics = {**metrics, **eval_metrics}
-        report(step, config, learner, side, metrics)
+        report(step, config, learner, side, metrics, Path(loop_config["run_dir"]))
 
     learner.export_hf(Path(loop_config["run_dir"]) / "policy")
     if side:
@@ -571,11 +572,15 @@ def broadcast(obj: Any, learner: Learner) -> Any:
         sync_weights(learner, None)
 
 
-def report(step: int, config: Config, learner: Learner, side: RolloutSide | None, metrics: dict[str, float]) -> None:
+def report(
+    step: int, config: Config, learner: Learner, side: RolloutSide | None, metrics: dict[str, float], run_dir: Path
+) -> None:
     """A Ray Train checkpoint every ``checkpoint_every`` steps and at the end (collective).
 
     Only checkpoint steps report: Ray Train logs each report in full, and the step
-    metrics already go to the run's own telemetry.
+    metrics already go to the run's own telemetry. Each rank writes its part in
+    ``run_dir/.staging/rank<r>`` first, from where Ray Train copies it; a folder that a
+    rank killed while saving left there is removed at its next report.
     """
     trainer = config.trainer
     if step % trainer.checkpoint_every and step != trainer.total_steps:
@@ -588,9 +593,14 @@ def report(step: int, config: Config, learner: Learner, side: RolloutSide | None
     state = broadcast(state, learner)
     # Ray Train keeps (and prints) these with the checkpoint; the full set is in metrics.jsonl.
     headline = {k: v for k, v in metrics.items() if k in _HEADLINE or k.startswith("eval/")}
-    with tempfile.TemporaryDirectory(prefix="mapo-ckpt-") as folder:
-        learner.save(folder, client_state=state)
-        ray.train.report(headline, checkpoint=ray.train.Checkpoint.from_directory(folder))
+    staging = run_dir / STAGING / f"rank{learner.rank}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        learner.save(staging, client_state=state)
+        ray.train.report(headline, checkpoint=ray.train.Checkpoint.from_directory(staging))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def resolve_run_length(config: Config, train_rows: int | None = None) -> Config:

@@ -111,8 +111,12 @@ def test_three_steps_then_an_exact_resume_from_step_two(ray_cluster, tmp_path):
     # falls back to step 2 and does step 3 again, logged once.
     states = checkpoints[2] / "learner" / "mp_rank_00_model_states.pt"
     states.write_bytes(states.read_bytes()[:1000])
+    assert not any((first / ".staging").iterdir())  # each report cleans up after itself
+    (first / ".staging" / "rank1").mkdir()
+    (first / ".staging" / "rank1" / "left-by-a-kill").write_bytes(b"x")
     result, versions = run(config(tmp_path, 3), first)
     assert result.error is None and versions == [3]
+    assert not any((first / ".staging").iterdir())
     assert [json.loads(line)["step"] for line in (first / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     assert [json.loads(line)["step"] for line in (first / "ledger.jsonl").read_text().splitlines()] == [1, 2, 3]
     again = steps(first)
