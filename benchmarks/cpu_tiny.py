@@ -39,7 +39,7 @@ def run_all(
     # A throw-away local cluster needs no token-authenticated dashboard; log_to_driver
     # shows each run's progress lines (step, reward, eval) from its training worker.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(include_dashboard=False, configure_logging=False, log_to_driver=True)
+    ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=True)
     runs: dict[str, list[RunT]] = {name: [] for name in names}
     try:
         for seed in seeds:

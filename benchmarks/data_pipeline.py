@@ -94,7 +94,7 @@ def main() -> None:
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local run: no dashboard token
-    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "train.parquet"

@@ -14,6 +14,6 @@ def ray_cluster():
 
     # A tiny test cluster needs no token-authenticated dashboard (on by default in Ray 2.60).
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True, configure_logging=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True, configure_logging=False)
     yield ray
     ray.shutdown()

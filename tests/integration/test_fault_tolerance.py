@@ -116,18 +116,24 @@ class When(threading.Thread):
         self.join(timeout=10)
 
 
-def logged_steps(run_dir: Path, name: str = METRICS_FILE) -> list[int]:
-    """The steps of every line of ``name`` so far, in file order (one read, tolerant of a torn tail)."""
+def logged_lines(run_dir: Path, name: str = METRICS_FILE) -> list[tuple[int, float]]:
+    """``(step, time)`` of every line of ``name`` so far, in file order (one read, tolerant of a torn tail)."""
     path = run_dir / name
     if not path.exists():
         return []
-    steps = []
+    lines = []
     for line in path.read_text().splitlines():
         try:
-            steps.append(json.loads(line)["step"])
+            record = json.loads(line)
+            lines.append((record["step"], record["time"]))
         except (json.JSONDecodeError, KeyError):
             pass
-    return steps
+    return lines
+
+
+def logged_steps(run_dir: Path, name: str = METRICS_FILE) -> list[int]:
+    """The steps of every line of ``name`` so far, in file order."""
+    return [step for step, _ in logged_lines(run_dir, name)]
 
 
 def learner_processes(since: float) -> list[psutil.Process]:
@@ -284,9 +290,12 @@ def test_a_killed_learner_restarts_from_its_checkpoint_and_keeps_the_data_order(
     watchers: list[When] = []
     started = time.time()
 
+    at_kill: list[list[tuple[int, float]]] = []
+
     def kill_learner():
         (proc,) = learner_processes(started)
         proc.send_signal(signal.SIGKILL)
+        at_kill.append(logged_lines(run_dir, LEDGER_FILE))
         return proc.pid
 
     def kill_once_a_checkpoint_is_registered(actors):
@@ -302,9 +311,11 @@ def test_a_killed_learner_restarts_from_its_checkpoint_and_keeps_the_data_order(
     history = read_metrics(run_dir / METRICS_FILE)
     assert sorted(history.train) == list(range(1, steps + 1))
     assert [history.train[s]["weight_version"] for s in range(1, steps + 1)] == list(range(1, steps + 1))
-    # The restart resumed from a checkpoint, not from scratch: step 1 was never done again.
-    ledger_lines = logged_steps(run_dir, LEDGER_FILE)
-    assert ledger_lines[0] == 1 and 1 not in ledger_lines[1:]
+    # The restart resumed from a checkpoint, not from scratch: step 1's line is the one
+    # written before the kill (the resume drops and redoes only later steps), and every
+    # step has one line.
+    assert logged_lines(run_dir, LEDGER_FILE)[0] == at_kill[0][0]
+    assert logged_steps(run_dir, LEDGER_FILE) == list(range(1, steps + 1))
     ledger = read_ledger(run_dir / LEDGER_FILE)
     assert [ledger[s] for s in range(1, steps + 1)] == uninterrupted_order(cfg, model_path, steps)
     assert_each_prompt_once_per_epoch(ledger)
@@ -343,13 +354,17 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_to_resume_fr
     kept_step = saved["client_state"]["step"]
     # Checkpoint 1 normally; a later one only if it was written before the limit was set.
     assert kept_step in range(1, steps)
-    before = logged_steps(run_dir, LEDGER_FILE)
-    assert before[-1] == kept_step + 1  # it died in the step after the checkpoint it kept
+    before = logged_lines(run_dir, LEDGER_FILE)
+    assert before[-1][0] == kept_step + 1  # it died in the step after the checkpoint it kept
 
     # --resume auto: the same run folder again; Ray Train restores its newest registered checkpoint.
     result, versions = run(cfg, model_path, run_dir)
     assert result.error is None and versions == [steps]
-    assert logged_steps(run_dir, LEDGER_FILE)[len(before)] == kept_step + 1
+    # The lines of the kept steps stay as they were; the step it died in is done again,
+    # its earlier line dropped: one line per step.
+    after = logged_lines(run_dir, LEDGER_FILE)
+    assert [step for step, _ in after] == list(range(1, steps + 1))
+    assert after[:kept_step] == before[:kept_step] and after[kept_step][1] > before[kept_step][1]
     history = read_metrics(run_dir / METRICS_FILE)
     assert sorted(history.train) == list(range(1, steps + 1))
     ledger = read_ledger(run_dir / LEDGER_FILE)
