@@ -28,7 +28,7 @@ from ray.exceptions import RayActorError, RayError
 from mapo_ray.config import RewardConfig
 from mapo_ray.reward.contract import FailureKind
 from mapo_ray.reward.functions import load_reward_fn
-from mapo_ray.reward.group import GroupRequest, GroupResult, grade_group, log_failure
+from mapo_ray.reward.group import GroupRequest, GroupResult, RequestRef, grade_group, log_failure
 from mapo_ray.reward.sandbox import TimedGrader
 from mapo_ray.sync.errors import first_line
 
@@ -68,8 +68,11 @@ class RewardPool:
     def size(self) -> int:
         return len(self._actors)
 
-    def score(self, requests: Sequence[GroupRequest]) -> list[GroupResult]:
+    def score(self, requests: Sequence[GroupRequest | RequestRef]) -> list[GroupResult]:
         """Grade every group; results are in the order of ``requests``.
+
+        A ``RequestRef`` goes to its actor as the object reference it is: the actor reads
+        the responses from the object store, and they never pass through this process.
 
         Never raises for a reward function's failure or a lost actor: a group whose
         actor died is retried (``reward.max_retries``), and failed rollouts get
@@ -86,7 +89,8 @@ class RewardPool:
         while waiting or running:
             while idle and waiting:
                 slot, index = idle.pop(), waiting.popleft()
-                call = self._actors[slot].score.remote(requests[index])
+                request = requests[index]
+                call = self._actors[slot].score.remote(request.ref if isinstance(request, RequestRef) else request)
                 running[call] = (slot, index, time.monotonic() + self._config.call_timeout_s)
             nearest = min(deadline for _, _, deadline in running.values())
             ray.wait(list(running), num_returns=1, timeout=max(nearest - time.monotonic(), 0.0))
@@ -135,10 +139,15 @@ class RewardPool:
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
-    def _lose(self, slot: int, request: GroupRequest, kind: FailureKind, detail: str, retries: int) -> GroupResult:
+    def _lose(
+        self, slot: int, request: GroupRequest | RequestRef, kind: FailureKind, detail: str, retries: int
+    ) -> GroupResult:
         """Zero a group whose call failed, and put a fresh actor in ``slot``."""
-        first = request.responses[0] if request.responses else ""
-        log_failure(kind, detail, request.uid, f"(all {len(request.responses)})", first, request.answer)
+        if isinstance(request, GroupRequest):
+            first, answer = (request.responses[0] if request.responses else ""), request.answer
+        else:
+            first, answer = "(in the object store)", "(in the object store)"
+        log_failure(kind, detail, request.uid, f"(all {request.size})", first, answer)
         self._replace(slot)
         return GroupResult.all_failed(request, kind, retries)
 

@@ -44,7 +44,6 @@ from mapo_ray.data.prompts import render_prompt
 from mapo_ray.job import resolve_inputs
 from mapo_ray.loop import DataPosition, PromptStream, finish, launch, train
 from mapo_ray.models import tiny_vl_path
-from mapo_ray.reward.pool import RewardPool
 from mapo_ray.rollout import Prompt, SamplingParams
 from mapo_ray.rollout.actor import RolloutError, await_restart, create_rollout_actors
 from mapo_ray.sync.ray_sync import RayWeightSync
@@ -81,14 +80,12 @@ def config(steps: int, *overrides: str):
 def run(cfg, model_path: Path, run_dir: Path, during: Callable[[dict], None] | None = None):
     """``train`` with fresh driver-owned actors; ``during(actors)`` starts before it (e.g. a watcher)."""
     actors = create_rollout_actors(cfg.rollout, model_path, seed=cfg.seed)
-    pool = RewardPool(cfg.reward)
     try:
         if during is not None:
             during(actors)
-        result = train(cfg, run_dir=run_dir, model_path=model_path, rollout_actors=actors, reward_pool=pool)
+        result = train(cfg, run_dir=run_dir, model_path=model_path, rollout_actors=actors)
         versions = ray.get([a.weight_version.remote() for a in actors.values()], timeout=120)
     finally:
-        pool.shutdown()
         for actor in actors.values():
             ray.kill(actor)
     return result, versions

@@ -17,7 +17,6 @@ from safetensors.torch import load_file
 from mapo_ray.config import load_config
 from mapo_ray.job import resolve_inputs
 from mapo_ray.loop import train
-from mapo_ray.reward.pool import RewardPool
 from mapo_ray.rollout.actor import create_rollout_actors
 
 pytestmark = pytest.mark.integration
@@ -55,14 +54,12 @@ def config(tmp_path: Path, steps: int):
 def run(cfg, run_dir: Path, resume_from: Path | None = None):
     cfg, model_path = resolve_inputs(cfg)
     actors = create_rollout_actors(cfg.rollout, model_path, seed=cfg.seed)
-    pool = RewardPool(cfg.reward)
     try:
         result = train(
-            cfg, run_dir=run_dir, model_path=model_path, rollout_actors=actors, reward_pool=pool, resume_from=resume_from
+            cfg, run_dir=run_dir, model_path=model_path, rollout_actors=actors, resume_from=resume_from
         )
         versions = ray.get([a.weight_version.remote() for a in actors.values()])
     finally:
-        pool.shutdown()
         for actor in actors.values():
             ray.kill(actor)
     return result, versions
