@@ -49,13 +49,12 @@ from mapo_ray.learner import Experience, Learner, shard_by_group
 from mapo_ray.learner.sft import warm_start
 from mapo_ray.reward import GroupRequest, GroupResult, failure_metrics
 from mapo_ray.reward.pool import RewardPool
-from mapo_ray.rollout import Group, Prompt, SamplingParams, count_tokens, prompts_from_batch
 from mapo_ray.rollout.actor import RolloutError, await_restart, gather
 from mapo_ray.rollout.engine import sampling_params
-from mapo_ray.rollout.sampling import derive_seed
 from mapo_ray.sync.ray_sync import RayWeightSync
 from mapo_ray.telemetry import RunLogger
 from mapo_ray.telemetry.ledger import PromptLedger
+from mapo_ray.types import Group, Prompt, SamplingParams, count_tokens, derive_seed, prompts_from_batch
 
 # Salts of the seed streams, so training and evaluation never share samples.
 _TRAIN_SEED, _EVAL_SEED = 1, 2

@@ -32,9 +32,9 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 from mapo_ray.config import RolloutConfig
 from mapo_ray.rollout.engine import make_engine
-from mapo_ray.rollout.types import Group, Prompt, SamplingParams, count_tokens, prompts_from_batch
 from mapo_ray.sync import GroupAddress, SyncPlan
 from mapo_ray.sync.errors import first_line
+from mapo_ray.types import Group, Prompt, SamplingParams, count_tokens, prompts_from_batch
 
 
 class RolloutError(RuntimeError):

@@ -1,7 +1,10 @@
-"""What goes into a rollout engine and what comes out: small frozen dataclasses, no Ray.
+"""The plain dataclasses that the learner, rollout and reward packages share: no Ray, no torch.
 
-A batch of B ``Prompt`` and one ``SamplingParams`` with ``n = G`` give B ``Group``,
-each holding the G ``Sample`` of its prompt in sampling order.
+What goes into a rollout engine and what comes out. A batch of B ``Prompt`` and one
+``SamplingParams`` with ``n = G`` give B ``Group``, each holding the G ``Sample`` of its
+prompt in sampling order. ``derive_seed`` gives the per-prompt seed of a batch seed (the
+engines sample with it, the learner seeds with it). This module imports nothing else
+from ``mapo_ray``, so any package may import it.
 """
 
 from __future__ import annotations
@@ -128,3 +131,12 @@ def prompts_from_batch(batch: Mapping[str, Any]) -> list[Prompt]:
 def count_tokens(groups: Sequence[Group]) -> int:
     """Response tokens generated in ``groups``."""
     return sum(len(s.response_ids) for g in groups for s in g.samples)
+
+
+def derive_seed(seed: int, index: int) -> int:
+    """A 32-bit seed for prompt ``index`` of a batch sampled with ``seed``.
+
+    Hashing (rather than ``seed + index``) keeps neighbouring batch seeds from sharing
+    prompt seeds; vLLM adds the sample index to it for each of the G samples.
+    """
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
