@@ -35,7 +35,6 @@ import torch
 import torch.distributed as dist
 from ray.actor import ActorHandle
 
-from mapo_ray._dataplane_types import GroupPayload, GroupSummary
 from mapo_ray.algo import advantage_diagnostics, dapo_group_filter
 from mapo_ray.config import AlgoConfig, Config
 from mapo_ray.data.stream import DataPosition, PromptReader, Taken
@@ -45,11 +44,10 @@ from mapo_ray.reward.group import RequestRef
 from mapo_ray.reward.pool import RewardPool
 from mapo_ray.rollout.actor import RolloutError, await_restart, gather, rollout_returns
 from mapo_ray.rollout.engine import sampling_params
-from mapo_ray.rollout.sampling import derive_seed
-from mapo_ray.rollout.types import Prompt, SamplingParams
 from mapo_ray.sync.ray_sync import RayWeightSync
 from mapo_ray.telemetry import RunLogger
 from mapo_ray.telemetry.ledger import PromptLedger
+from mapo_ray.types import GroupPayload, GroupSummary, Prompt, SamplingParams, derive_seed
 
 # Salts of the seed streams, so training and evaluation never share samples.
 _TRAIN_SEED, _EVAL_SEED = 1, 2

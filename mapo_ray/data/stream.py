@@ -19,7 +19,7 @@ import ray
 from mapo_ray.config import Config
 from mapo_ray.data.errors import DataError
 from mapo_ray.data.pipeline import PromptBatches, open_split, prompt_dataset
-from mapo_ray.rollout.types import Prompt, prompts_from_batch
+from mapo_ray.types import Prompt, prompts_from_batch
 
 
 @dataclass(frozen=True)

@@ -40,8 +40,8 @@ from mapo_ray.learner.deepspeed_setup import build_policy_engine, build_referenc
 from mapo_ray.learner.experience import Experience, split_minibatches, token_budget_micro_batches
 from mapo_ray.learner.logprobs import ResponseLogProbs
 from mapo_ray.learner.rng import rng_state, set_rng_state
-from mapo_ray.rollout.sampling import derive_seed
 from mapo_ray.sync import named_parameters_for_sync
+from mapo_ray.types import derive_seed
 
 # DeepSpeed's checkpoint tag: a fixed name, so a folder holds exactly one learner state.
 _CHECKPOINT_TAG = "learner"

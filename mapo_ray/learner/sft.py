@@ -29,7 +29,7 @@ from mapo_ray.learner.experience import Experience, shard_by_group
 from mapo_ray.learner.learner import Learner
 from mapo_ray.models import prepare_inputs
 from mapo_ray.models.tokenizer import THINK_END, THINK_START
-from mapo_ray.rollout.types import Prompt, pil_image
+from mapo_ray.types import Prompt, pil_image
 
 # Deliberately content-free: the synthetic rows carry no worked solution, and a short
 # fixed phrase costs the tiny policy a few tokens to learn, leaving the answer to RL.

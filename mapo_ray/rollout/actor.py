@@ -35,12 +35,11 @@ from ray.actor import ActorHandle
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 from mapo_ray.config import RolloutConfig
-from mapo_ray._dataplane_types import GroupPayload, GroupSummary
 from mapo_ray.reward.group import GroupRequest
 from mapo_ray.rollout.engine import RolloutEngine, make_engine
-from mapo_ray.rollout.types import Group, Prompt, SamplingParams, count_tokens
 from mapo_ray.sync import GroupAddress, SyncPlan
 from mapo_ray.sync.errors import first_line
+from mapo_ray.types import Group, GroupPayload, GroupSummary, Prompt, SamplingParams, count_tokens
 
 
 class RolloutError(RuntimeError):

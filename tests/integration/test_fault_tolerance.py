@@ -44,11 +44,11 @@ from mapo_ray.data.prompts import render_prompt
 from mapo_ray.job import resolve_inputs
 from mapo_ray.loop import DataPosition, PromptStream, finish, launch, train
 from mapo_ray.models import tiny_vl_path
-from mapo_ray.rollout import Prompt, SamplingParams
 from mapo_ray.rollout.actor import RolloutError, await_restart, create_rollout_actors
 from mapo_ray.sync.ray_sync import RayWeightSync
 from mapo_ray.telemetry.ledger import LEDGER_FILE, read_ledger
 from mapo_ray.telemetry.records import METRICS_FILE, read_metrics
+from mapo_ray.types import Prompt, SamplingParams
 
 pytestmark = pytest.mark.integration
 

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.integration
 
 # cpu-tiny's run is 40 steps; by step 20 seed 0 has gained about 50 points (benchmarks/estimators.py).
 STEPS = 20
-# Shorter than cpu-tiny's run, so the margin asked for is smaller than the 30 points.
+# 20 points: well under that gain, and far above the ~3-point spread of one evaluation (see below).
 MARGIN = 0.2
 
 

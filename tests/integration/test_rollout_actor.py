@@ -17,9 +17,10 @@ from PIL import Image
 from mapo_ray.config import DataConfig, RolloutConfig, SyncConfig
 from mapo_ray.data.prompts import render_prompt
 from mapo_ray.models import tiny_vl_path
-from mapo_ray.rollout import HFEngine, Prompt, SamplingParams, count_tokens
+from mapo_ray.rollout import HFEngine
 from mapo_ray.rollout.actor import RolloutError, collect, create_rollout_actors
 from mapo_ray.sync.ray_sync import RayWeightSync
+from mapo_ray.types import Prompt, SamplingParams, count_tokens
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ from mapo_ray.config import AlgoConfig, ConfigError, load_config
 from mapo_ray.loop import accuracy, keep_informative, succeeded, to_experiences
 from mapo_ray.reward import GroupResult
 from mapo_ray.reward.label import score_label
-from mapo_ray.rollout import Group, Prompt, Sample
+from mapo_ray.types import Group, Prompt, Sample
 
 LABELS = ("red", "blue")
 # Right answer, broken format (0.9) three times, then right answer in the format (1.0).
