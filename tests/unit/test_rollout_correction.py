@@ -224,7 +224,7 @@ def test_bad_names_are_refused_naming_the_key():
 
 
 def test_staleness_metrics_are_max_and_mean_over_the_batch():
-    from mapo_ray.loop import staleness_metrics
+    from mapo_ray.coordinator import staleness_metrics
 
     assert staleness_metrics(5, [4, 4, 3, 5]) == {"rollout/staleness": 2.0, "rollout/staleness_mean": 1.0}
     assert staleness_metrics(0, [0, 0]) == {"rollout/staleness": 0.0, "rollout/staleness_mean": 0.0}
