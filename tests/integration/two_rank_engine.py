@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 
 from mapo_ray.rollout.hf_engine import HFEngine
-from mapo_ray.rollout.types import Group, Prompt, SamplingParams
+from mapo_ray.types import Group, Prompt, SamplingParams
 from mapo_ray.sync import GroupAddress, SyncPlan, WeightReceiver, WeightSyncError
 
 if TYPE_CHECKING:
