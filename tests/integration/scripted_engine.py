@@ -2,7 +2,7 @@
 
 It answers from a script instead of a model, so a test of the coordinator runs in
 seconds; the real engines are tested in ``tests/integration``. Ray workers import it by
-name (``tests.unit.scripted_engine``), as the rollout actors' ``engine_factory``.
+name (``tests.integration.scripted_engine``), as the rollout actors' ``engine_factory``.
 """
 
 from __future__ import annotations
