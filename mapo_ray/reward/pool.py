@@ -1,8 +1,9 @@
 """The reward actor pool: CPU actors that grade whole groups, many groups at a time.
 
 Each ``RewardWorker`` is a thin actor around one ``TimedGrader`` (every grading in a
-child process with its own time limit). ``RewardPool`` lives in the driver and
-hands out one group per idle actor, so a slow group never queues others behind it
+child process with its own time limit). ``RewardPool`` lives in the process that made
+it (in a run, the rollout coordinator on learner rank 0, so the actors die with it
+and a restarted learner starts a fresh pool) and hands out one group per idle actor, so a slow group never queues others behind it
 and each call's deadline (``reward.call_timeout_s``) runs from the moment an actor
 starts on it. When an actor dies, it is replaced and its group is graded again by
 the next idle actor, up to ``reward.max_retries`` times (counted in
@@ -52,7 +53,7 @@ class RewardWorker:
 class RewardPool:
     """``config.num_workers`` reward actors behind one blocking ``score`` call.
 
-    Construction fails fast, in the driver, on a reward function that cannot be
+    Construction fails fast, in the caller, on a reward function that cannot be
     loaded, and waits (up to ``start_timeout_s``) until every actor is ready. Not
     thread-safe: one ``score`` call at a time.
     """
