@@ -5,14 +5,12 @@ builds one inside ``train_loop_per_worker`` (or a lone process after
 ``init_single_process``). Every method that runs the model is collective: all ranks
 call it, in step, with their own shard. A training step on each rank::
 
-    advantages = learner.advantages(batch)                  # the whole rollout batch
-    mine = shard_by_group([e.group_id for e in batch], [e.num_tokens for e in batch],
-                          learner.world_size)[learner.rank]
-    metrics = learner.update([batch[i] for i in mine], advantages[mine])
+    batch = shard.experiences(timeout_s)        # this rank's whole groups (mapo_ray.coordinator)
+    advantages = learner.advantages(batch)      # of those groups, exactly as the whole batch's
+    metrics = learner.update(batch, advantages)
 
-Advantages are computed over the whole batch (every group complete) on each rank,
-then each rank trains on whole groups, so per-group statistics never see a partial
-group however the batch is split.
+Each rank holds whole groups, so per-group statistics never see a partial group
+however the batch is split, and a rank's advantages need no other rank's samples.
 """
 
 from __future__ import annotations

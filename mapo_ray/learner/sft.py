@@ -119,7 +119,7 @@ def warm_start(
         learner: this rank's learner; the warm-start leaves its RL step count and lr
             schedule where they were.
         cfg: the ``sft`` section.
-        take: on rank 0, where prompts come from (e.g. the loop's ``PromptStream.take``);
+        take: on rank 0, where prompts come from (in a run, ``RolloutCoordinator.take_prompts``);
             None on the other ranks. Rank 0 builds each batch and sends every rank its
             share, whole examples balanced by tokens.
         log: called on rank 0 as ``log(step, metrics)`` after each step (steps from 1).
