@@ -34,9 +34,11 @@ import ray
 import torch
 import torch.distributed as dist
 from ray.actor import ActorHandle
+from ray.exceptions import RayActorError
 
 from mapo_ray.algo import advantage_diagnostics, dapo_group_filter
 from mapo_ray.config import AlgoConfig, Config
+from mapo_ray.data import DataError
 from mapo_ray.data.stream import DataPosition, PromptReader, Taken
 from mapo_ray.learner import Experience, shard_by_group
 from mapo_ray.reward import GroupResult, failure_metrics
@@ -402,8 +404,7 @@ class RolloutCoordinator:
         self.channel = channel
         self._policy = policy
         self.reader = PromptReader.remote(config, model_path, position)
-        # Also where a bad test split is named: the reader reads the evaluation prompts first.
-        self.eval_skipped: dict[str, int] = ray.get(self.reader.eval_skipped.remote())
+        self.eval_skipped: dict[str, int] = _started(self.reader, config.rollout.call_timeout_s)
         self.rewards = RewardPool(config.reward)
         self.sync = RayWeightSync(config.sync)
         # The version after RL step k is k. A restored run's weights (version start_step),
@@ -431,7 +432,7 @@ class RolloutCoordinator:
             self.pending.append(self._launch(step))
         batch = self.pending.popleft()
         generated = self._finish(batch)
-        taken: Taken = ray.get(batch.taken)
+        taken: Taken = ray.get(batch.taken, timeout=self.config.rollout.call_timeout_s)
         scored = list(zip(taken.uids, taken.epochs))
         restarts = batch.restarts
         if trainer.mode == "async":
@@ -454,7 +455,7 @@ class RolloutCoordinator:
                 extra_launch = self._launch(step, salt=rounds)
                 extra = self._finish(extra_launch)
                 extra_results = self._score(extra)
-                extra_taken: Taken = ray.get(extra_launch.taken)
+                extra_taken: Taken = ray.get(extra_launch.taken, timeout=self.config.rollout.call_timeout_s)
                 scored += zip(extra_taken.uids, extra_taken.epochs)
                 restarts += extra_launch.restarts
                 kept = keep_informative(extra_results, algo)
@@ -580,3 +581,15 @@ class RolloutCoordinator:
 
     def _score(self, generated: Sequence[Generated]) -> list[GroupResult]:
         return self.rewards.score([RequestRef(g.summary.uid, g.summary.size, g.request) for g in generated])
+
+
+def _started(reader: ActorHandle, timeout_s: float) -> dict[str, int]:
+    """Wait for the prompt reader to start (it reads the evaluation prompts first); returns
+    the test rows it skipped by reason. A reader that failed to start (e.g. a test split
+    with no usable row) raises ``DataError`` with its reason, not Ray's whole traceback."""
+    try:
+        return ray.get(reader.eval_skipped.remote(), timeout=timeout_s)
+    except RayActorError as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        ray.kill(reader)
+        raise DataError(f"the prompt reader did not start: {lines[-1] if lines else err}") from err

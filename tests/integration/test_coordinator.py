@@ -53,9 +53,14 @@ def start(tmp_path, *overrides: str) -> tuple[RolloutCoordinator, dict]:
     )
     actors = create_rollout_actors(config.rollout, model_path, engine_factory=scripted_engine, prefix="scripted")
     channel = RankChannel(0, 1, on_sync=lambda: None)
-    coordinator = RolloutCoordinator(
-        config, actors=actors, model_path=str(model_path), run_dir=tmp_path, channel=channel, policy=lambda: None
-    )
+    try:
+        coordinator = RolloutCoordinator(
+            config, actors=actors, model_path=str(model_path), run_dir=tmp_path, channel=channel, policy=lambda: None
+        )
+    except BaseException:
+        for actor in actors.values():
+            ray.kill(actor)
+        raise
     return coordinator, actors
 
 
@@ -124,3 +129,17 @@ def test_dynamic_sampling_keeps_only_informative_groups_and_records_every_scored
         stop(coordinator, actors)
     (scored,) = read_ledger(tmp_path / LEDGER_FILE).values()
     assert len(scored) == 6 * (rounds + 1)
+
+
+def test_a_test_split_without_a_usable_row_is_named_when_the_coordinator_starts(ray_cluster, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mapo_ray.data import DataError
+
+    broken = {"bytes": b"\x89PNG\r\n\x1a\n truncated", "path": "broken.png"}
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table({"images": pa.array([[broken]], pa.list_(image)), "problem": ["<image>x?"], "answer": ["1"]})
+    pq.write_table(table, tmp_path / "unusable.parquet")
+    with pytest.raises(DataError, match=r"prompt reader did not start: .*unusable\.parquet has no usable row"):
+        start(tmp_path, f"data.test={tmp_path / 'unusable.parquet'}")
