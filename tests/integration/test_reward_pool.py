@@ -13,9 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
+import ray
 
 from mapo_ray.config import ConfigError, RewardConfig
 from mapo_ray.reward import GroupRequest, failure_metrics
+from mapo_ray.reward.group import RequestRef
 from mapo_ray.reward.pool import RewardPool
 
 pytestmark = pytest.mark.integration
@@ -122,14 +124,19 @@ def test_a_stuck_call_zeroes_at_once_a_group_that_always_kills_zeroes_after_its_
     assert metrics["reward/retried"] == 1
 
 
-def test_a_group_whose_actor_dies_is_graded_again_by_another_actor(ray_cluster, tmp_path):
+@pytest.mark.parametrize("in_object_store", [False, True])
+def test_a_group_whose_actor_dies_is_graded_again_by_another_actor(ray_cluster, tmp_path, in_object_store):
     """The reward actor's process is killed (SIGKILL, from its grading process) while it
-    grades one group; that group is graded again, in full, by another actor."""
+    grades one group; that group is graded again, in full, by another actor. The same
+    when the requests wait in the object store (``RequestRef``, as a run passes them)."""
     marker = tmp_path / "killed-once"
     victim = GroupRequest(uid="victim", answer="4", responses=["ok:4", f"kill_actor_once:{marker}", "ok:5"])
     others = [GroupRequest(uid=f"o{i}", answer="4", responses=["ok:4", "ok:3"]) for i in range(4)]
+    requests = [*others[:2], victim, *others[2:]]
+    if in_object_store:
+        requests = [RequestRef(r.uid, r.size, ray.put(r)) for r in requests]
     with RewardPool(_config()) as pool:
-        results = pool.score([*others[:2], victim, *others[2:]])
+        results = pool.score(requests)
     assert marker.exists()  # an actor did die
     assert [r.uid for r in results] == ["o0", "o1", "victim", "o2", "o3"]
     assert results[2].rewards == [1.0, 1.0, 0.0] and results[2].failures == [None, None, None]
