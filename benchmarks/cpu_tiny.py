@@ -22,7 +22,6 @@ import ray
 from mapo_ray.config import load_config
 from mapo_ray.job import resolve_inputs
 from mapo_ray.loop import train
-from mapo_ray.reward.pool import RewardPool
 from mapo_ray.rollout.actor import create_rollout_actors
 from mapo_ray.telemetry.records import MetricsHistory, read_metrics
 
@@ -86,11 +85,9 @@ def train_cpu_tiny(run_dir: Path, overrides: list[str], label: str) -> tuple[Met
     run_dir.mkdir(parents=True)
     started = time.perf_counter()
     actors = create_rollout_actors(config.rollout, model_path, seed=config.seed)
-    pool = RewardPool(config.reward)
     try:
-        result = train(config, run_dir=run_dir, model_path=model_path, rollout_actors=actors, reward_pool=pool)
+        result = train(config, run_dir=run_dir, model_path=model_path, rollout_actors=actors)
     finally:
-        pool.shutdown()
         for actor in actors.values():
             ray.kill(actor)
     if result.error is not None:

@@ -28,7 +28,8 @@ import torch
 from PIL import Image
 
 from mapo_ray.models import tiny_text_path, tiny_vl_path
-from mapo_ray.rollout import Group, HFEngine, Prompt, SamplingParams, count_tokens, derive_seed
+from mapo_ray.rollout import HFEngine
+from mapo_ray.types import Group, Prompt, SamplingParams, count_tokens, derive_seed
 
 QUESTIONS = (
     "Find x. In \\triangle ABC, AB = 3 and BC = 4.",

@@ -14,7 +14,6 @@ import time
 
 from mapo_ray.job import connect_ray, job_parser, preflight, summarize
 from mapo_ray.loop import train
-from mapo_ray.reward.pool import RewardPool
 from mapo_ray.rollout.actor import create_rollout_actors
 
 
@@ -28,16 +27,15 @@ def main(description: str = __doc__, default_preset: str | None = None) -> None:
     print(f"run folder: {run_dir}\nmodel: {model_path}\ntrain data: {config.data.train}", flush=True)
     connect_ray()
 
-    # The driver owns the rollout and reward actors; the learner reaches them through Ray Train.
+    # The driver owns the rollout actors, so they outlive a learner restart; the learner reaches
+    # them through Ray Train. Learner rank 0 starts the reward actors.
     rollout_actors = create_rollout_actors(config.rollout, model_path, seed=config.seed)
-    reward_pool = RewardPool(config.reward)
 
     train(
         config,
         run_dir=run_dir,
         model_path=model_path,
         rollout_actors=rollout_actors,
-        reward_pool=reward_pool,
         resume_from=job.resume_from,
     )
     print("\n" + summarize(run_dir, time.perf_counter() - started), flush=True)

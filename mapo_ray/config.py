@@ -10,6 +10,14 @@ A config is built in three layers, each overriding the one before:
 Every key is checked against the dataclass it lands in: an unknown key raises
 ``ConfigError`` naming its full dotted path and the nearest valid key, and a value
 of the wrong type names the key, the value and the expected type.
+
+This module imports nothing from the rest of ``mapo_ray`` (whose packages import it) and
+checks only its own schema: types, ranges, literals and the arithmetic between sections.
+The names a config gives for things defined elsewhere (``algo.estimator``,
+``algo.policy_loss``, ``algo.kl_estimator``, ``algo.rollout_correction``,
+``reward.function``, ``data.synthetic_kinds``) are checked by
+``mapo_ray.job.check_names``, which the job scripts, the doctor and the plan run right
+after ``load_config``.
 """
 
 from __future__ import annotations
@@ -74,12 +82,8 @@ class AlgoConfig:
     overlong_penalty_factor: float = 1.0
 
     def __post_init__(self) -> None:
-        # Imported here so that config has no import-time dependency on torch.
-        from mapo_ray.algo import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES, ROLLOUT_CORRECTIONS
-
-        ADVANTAGE_ESTIMATORS.check(self.estimator, key="algo.estimator")
-        POLICY_LOSSES.check(self.policy_loss, key="algo.policy_loss")
-        KL_ESTIMATORS.check(self.kl_estimator, key="algo.kl_estimator")
+        # The names (estimator, policy_loss, kl_estimator, rollout_correction) are checked
+        # against mapo_ray.algo's registries by mapo_ray.job.check_names.
         for name in ("clip_ratio_low", "clip_ratio_high"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < 1:
@@ -97,8 +101,6 @@ class AlgoConfig:
             raise ConfigError(f"algo.overlong_buffer_len must be positive or null, got {self.overlong_buffer_len}")
         if not 0 <= self.overlong_penalty_factor < float("inf"):
             raise ConfigError(f"algo.overlong_penalty_factor must be finite and >= 0, got {self.overlong_penalty_factor}")
-        if self.rollout_correction not in ("auto", "none"):
-            ROLLOUT_CORRECTIONS.check(self.rollout_correction, key="algo.rollout_correction")
         # Above 1 for every correction: a cap <= 1 would only ever shrink (tis, seq_tis,
         # decoupled) or leave an empty band [1/C, C] (mask). Checked even when unused.
         if not 1.0 < self.rollout_correction_cap < float("inf"):
@@ -162,14 +164,7 @@ class DataConfig:
             raise ValueError(f"data.max_pixels ({self.max_pixels}) is below one 28x28 patch (784)")
         if self.max_pixels < self.min_pixels:
             raise ValueError(f"data.max_pixels ({self.max_pixels}) is below data.min_pixels ({self.min_pixels})")
-        if self.synthetic_kinds is not None:
-            # Imported here: the task writer pulls in PIL and pyarrow.
-            from mapo_ray.data.synthetic import check_kinds
-
-            try:
-                check_kinds(self.synthetic_kinds)
-            except ValueError as err:
-                raise ValueError(f"data.synthetic_kinds: {err}") from err
+        # synthetic_kinds is checked against the task's kinds by mapo_ray.job.check_names.
 
 
 # The smallest reward.grading_memory_mb accepted (a limit, not no limit).
@@ -213,10 +208,7 @@ class RewardConfig:
     grading_env_keep: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        # Imported here because mapo_ray.reward imports this module.
-        from mapo_ray.reward.functions import check_reward_function
-
-        check_reward_function(self.function)
+        # The function name is checked against the registered graders by mapo_ray.job.check_names.
         weights = (self.accuracy_weight, self.format_weight)
         if min(weights) < 0 or abs(sum(weights) - 1.0) > 1e-9:
             # Success means full marks (algo.success_threshold), so the best score must be 1.
@@ -526,10 +518,8 @@ class Config:
 
     def __post_init__(self) -> None:
         # Checks that span sections; each section has checked its own keys already.
-        from mapo_ray.algo import ADVANTAGE_ESTIMATORS
-
-        if self.algo.estimator in ADVANTAGE_ESTIMATORS and self.rollout.group_size < 2:
-            # Every registered estimator compares a response with the rest of its group.
+        if self.rollout.group_size < 2:
+            # Every estimator of mapo_ray.algo compares a response with the rest of its group.
             raise ConfigError(
                 f"rollout.group_size must be >= 2 for the group estimator algo.estimator "
                 f"{self.algo.estimator!r}, got {self.rollout.group_size}"

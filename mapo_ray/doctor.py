@@ -958,6 +958,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from mapo_ray.config import ConfigError, load_config
+    from mapo_ray.job import check_names
 
     cluster_row = connect_cluster()
     cluster = cluster_row is not None and cluster_row.status == OK
@@ -968,7 +969,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         gpus = ray.cluster_resources().get("GPU", 0) if cluster else read_torch_cuda()[1]
         preset = None if gpus else CPU_PRESET
     try:
-        config = load_config(args.config, preset=preset, overrides=args.overrides)
+        config = check_names(load_config(args.config, preset=preset, overrides=args.overrides))
     except ConfigError as err:
         parser.error(str(err))
     output = args.output or str(Path("runs") / f"{preset or 'run'}-{datetime.datetime.now():%Y%m%d-%H%M%S}")

@@ -17,11 +17,13 @@ from pathlib import Path
 import ray
 import torch
 
+from mapo_ray.algo import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES, ROLLOUT_CORRECTIONS
 from mapo_ray.config import TINY_VL, Config, ConfigError, load_config
 from mapo_ray.data import DataError
 from mapo_ray.data.pipeline import open_split
-from mapo_ray.data.synthetic import write_task
+from mapo_ray.data.synthetic import check_kinds, write_task
 from mapo_ray.models.tiny import cache_dir, tiny_vl_path
+from mapo_ray.reward.functions import check_reward_function
 from mapo_ray.telemetry.ledger import LEDGER_FILE
 from mapo_ray.telemetry.records import METRICS_FILE, read_metrics
 
@@ -60,15 +62,17 @@ class JobInputs:
 
 def preflight(args: argparse.Namespace, default_preset: str | None = None) -> JobInputs:
     """Check everything the command names before the run starts: the config (keys, values,
-    batch arithmetic), the data sources (files and columns), the model, the resume folder
-    and the run folder. Ray is started only when the preset depends on the cluster's GPUs
-    (no --preset or --config, no default, and a cluster address in RAY_ADDRESS).
+    batch arithmetic, the names of ``check_names``), the data sources (files and columns),
+    the model, the resume folder and the run folder. Ray is started only when the preset
+    depends on the cluster's GPUs (no --preset or --config, no default, and a cluster
+    address in RAY_ADDRESS).
 
     Raises SystemExit with the problem, naming the key, file or folder.
     """
     try:
         preset = job_preset(args, default_preset)
-        config, model_path = resolve_inputs(load_config(args.config, preset=preset, overrides=args.overrides))
+        config = check_names(load_config(args.config, preset=preset, overrides=args.overrides))
+        config, model_path = resolve_inputs(config)
         for split in ("train", "test"):
             open_split(config.data, split)
     except (ConfigError, DataError) as error:
@@ -79,6 +83,36 @@ def preflight(args: argparse.Namespace, default_preset: str | None = None) -> Jo
         if not resume_from.is_dir():
             raise SystemExit(f"error: --resume {args.resume}: no such checkpoint folder")
     return JobInputs(config, preset, run_folder(args.output, preset, args.resume), model_path, resume_from)
+
+
+def check_names(config: Config) -> Config:
+    """``config``, once the names it gives for things defined outside ``mapo_ray.config``
+    are known: ``algo.estimator``, ``algo.policy_loss``, ``algo.kl_estimator`` and
+    ``algo.rollout_correction`` in ``mapo_ray.algo``'s registries, ``reward.function`` among
+    the graders (or a ``pkg.module:function`` path), ``data.synthetic_kinds`` among the
+    synthetic task's kinds.
+
+    ``load_config`` checks only the schema (``mapo_ray.config`` imports none of the packages
+    that read it), so whoever loads a config to run it calls this next.
+
+    Raises ConfigError naming the key, the unknown name and the known ones.
+    """
+    algo = config.algo
+    try:
+        ADVANTAGE_ESTIMATORS.check(algo.estimator, key="algo.estimator")
+        POLICY_LOSSES.check(algo.policy_loss, key="algo.policy_loss")
+        KL_ESTIMATORS.check(algo.kl_estimator, key="algo.kl_estimator")
+        if algo.rollout_correction not in ("auto", "none"):
+            ROLLOUT_CORRECTIONS.check(algo.rollout_correction, key="algo.rollout_correction")
+        if config.data.synthetic_kinds is not None:
+            try:
+                check_kinds(config.data.synthetic_kinds)
+            except ValueError as err:
+                raise ValueError(f"data.synthetic_kinds: {err}") from err
+        check_reward_function(config.reward.function)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    return config
 
 
 def job_preset(args: argparse.Namespace, default_preset: str | None = None) -> str | None:

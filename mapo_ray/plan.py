@@ -863,8 +863,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (default 80)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args(argv)
+    # Imported here: mapo_ray.job pulls in Ray and torch, which the plan itself never needs.
+    from mapo_ray.job import check_names
+
     try:
-        config = load_config(args.config, args.preset, args.set)
+        config = check_names(load_config(args.config, args.preset, args.set))
         plan = build_plan(config, args.gpu_memory_gib, label=args.preset or str(args.config or "defaults"))
     except (ConfigError, PlanError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -130,10 +130,15 @@ def mapo(stats: GroupStats, generator: torch.Generator | None = None) -> torch.T
 
 @ADVANTAGE_ESTIMATORS.register("mapo_random")
 def mapo_random(stats: GroupStats, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(N,) the paper's ablation: lambda ~ U[0, 1], drawn once per group in sorted-id order."""
+    """(N,) the paper's ablation: lambda ~ U[0, 1] per group; group id g (>= 0) takes the g-th draw,
+    so the groups of a learner rank's shard get the weights the whole batch would give them
+    (with a CPU ``generator``, whose first k draws do not depend on how many are drawn)."""
+    if stats.group_ids.numel() and int(stats.group_ids.min()) < 0:
+        raise ValueError("mapo_random needs group ids >= 0: group g takes the g-th random draw")
     device = generator.device if generator is not None else stats.mean.device
-    weight = torch.rand(stats.mean.numel(), generator=generator, dtype=torch.float64, device=device)
-    return _mix(stats, weight.to(stats.mean.device))
+    draws = int(stats.group_ids.max()) + 1 if stats.group_ids.numel() else 0
+    weight = torch.rand(draws, generator=generator, dtype=torch.float64, device=device)
+    return _mix(stats, weight.to(stats.mean.device)[stats.group_ids])
 
 
 @ADVANTAGE_ESTIMATORS.register("dr_grpo")

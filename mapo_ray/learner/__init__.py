@@ -16,7 +16,7 @@ from mapo_ray.learner.experience import (
     split_minibatches,
     token_budget_micro_batches,
 )
-from mapo_ray.learner.learner import Learner
+from mapo_ray.learner.learner import Learner, batch_advantages
 from mapo_ray.learner.logprobs import ResponseLogProbs
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "PolicyInputs",
     "ResponseLogProbs",
     "VisionInput",
+    "batch_advantages",
     "collate",
     "deepspeed_config",
     "encode_images",

@@ -24,7 +24,7 @@ from transformers import BaseImageProcessor
 
 from mapo_ray.learner.experience import Experience
 from mapo_ray.models.inputs import IMAGE_TOKEN_TYPE, TEXT_TOKEN_TYPE
-from mapo_ray.rollout.types import pil_image
+from mapo_ray.types import pil_image
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 if TYPE_CHECKING:
-    from mapo_ray.rollout.types import Sample
+    from mapo_ray.types import Sample
 
 
 @dataclass(frozen=True)

@@ -5,14 +5,12 @@ builds one inside ``train_loop_per_worker`` (or a lone process after
 ``init_single_process``). Every method that runs the model is collective: all ranks
 call it, in step, with their own shard. A training step on each rank::
 
-    advantages = learner.advantages(batch)                  # the whole rollout batch
-    mine = shard_by_group([e.group_id for e in batch], [e.num_tokens for e in batch],
-                          learner.world_size)[learner.rank]
-    metrics = learner.update([batch[i] for i in mine], advantages[mine])
+    batch = shard.experiences(timeout_s)        # this rank's whole groups (mapo_ray.coordinator)
+    advantages = learner.advantages(batch)      # of those groups, exactly as the whole batch's
+    metrics = learner.update(batch, advantages)
 
-Advantages are computed over the whole batch (every group complete) on each rank,
-then each rank trains on whole groups, so per-group statistics never see a partial
-group however the batch is split.
+Each rank holds whole groups, so per-group statistics never see a partial group
+however the batch is split, and a rank's advantages need no other rank's samples.
 """
 
 from __future__ import annotations
@@ -40,8 +38,8 @@ from mapo_ray.learner.deepspeed_setup import build_policy_engine, build_referenc
 from mapo_ray.learner.experience import Experience, split_minibatches, token_budget_micro_batches
 from mapo_ray.learner.logprobs import ResponseLogProbs
 from mapo_ray.learner.rng import rng_state, set_rng_state
-from mapo_ray.rollout.sampling import derive_seed
 from mapo_ray.sync import named_parameters_for_sync
+from mapo_ray.types import derive_seed
 
 # DeepSpeed's checkpoint tag: a fixed name, so a folder holds exactly one learner state.
 _CHECKPOINT_TAG = "learner"
@@ -102,38 +100,8 @@ class Learner:
     # ----------------------------------------------------------------- advantages
 
     def advantages(self, batch: Sequence[Experience]) -> torch.Tensor:
-        """(N,) float32 advantages of the whole rollout ``batch`` on this rank's device.
-
-        ``config.algo`` picks the estimator; a sample's ``success`` of None means
-        ``reward >= algo.success_threshold``, on the reward as graded. With
-        ``algo.overlong_buffer_len`` set, DAPO's overlong penalty (``overlong_penalty``,
-        up to ``rollout.max_new_tokens``) is added to each reward before the estimator
-        sees it; success is not affected. Random estimators draw from a generator
-        seeded by ``(seed, step)``, so every rank gets the same values.
-        """
-        algo = self.config.algo
-        scores = torch.tensor([e.reward for e in batch], dtype=torch.float64, device=self.device)
-        success = torch.tensor(
-            [e.reward >= algo.success_threshold if e.success is None else e.success for e in batch],
-            dtype=torch.bool,
-            device=self.device,
-        )
-        if algo.overlong_buffer_len is not None:
-            lengths = torch.tensor([len(e.response_ids) for e in batch], device=self.device)
-            scores = scores + overlong_penalty(
-                lengths, self.config.rollout.max_new_tokens, algo.overlong_buffer_len, algo.overlong_penalty_factor
-            ).to(torch.float64)
-        generator = torch.Generator(device=self.device).manual_seed(derive_seed(self.config.seed, self.step))
-        return compute_advantages(
-            scores,
-            torch.tensor([e.group_id for e in batch], dtype=torch.long, device=self.device),
-            algo.estimator,
-            success=success,
-            success_threshold=algo.success_threshold,
-            std=algo.std,
-            eps=algo.eps,
-            generator=generator,
-        )
+        """``batch_advantages`` of ``batch`` at this rank's step, on its device."""
+        return batch_advantages(batch, self.config, self.step, self.device)
 
     # ----------------------------------------------------------------- log-probs
 
@@ -540,6 +508,44 @@ class Learner:
                 self.image_processor.save_pretrained(folder)
         dist.barrier()
 
+
+
+def batch_advantages(batch: Sequence[Experience], config: Config, step: int, device: torch.device) -> torch.Tensor:
+    """(N,) float32 advantages of ``batch`` on ``device``: whole groups, any subset of a step's groups.
+
+    Each group's advantages depend only on its own samples, so a learner rank that
+    computes them for its shard gets exactly what the whole batch would give it
+    (``mapo_random`` draws group g's weight by its id g). ``config.algo`` picks the
+    estimator; a sample's ``success`` of None means ``reward >= algo.success_threshold``,
+    on the reward as graded. With ``algo.overlong_buffer_len`` set, DAPO's overlong
+    penalty (``overlong_penalty``, up to ``rollout.max_new_tokens``) is added to each
+    reward before the estimator sees it; success is not affected. Random estimators
+    draw from a generator seeded by ``(seed, step)``, the same on every rank.
+    """
+    algo = config.algo
+    scores = torch.tensor([e.reward for e in batch], dtype=torch.float64, device=device)
+    success = torch.tensor(
+        [e.reward >= algo.success_threshold if e.success is None else e.success for e in batch],
+        dtype=torch.bool,
+        device=device,
+    )
+    if algo.overlong_buffer_len is not None:
+        lengths = torch.tensor([len(e.response_ids) for e in batch], device=device)
+        scores = scores + overlong_penalty(
+            lengths, config.rollout.max_new_tokens, algo.overlong_buffer_len, algo.overlong_penalty_factor
+        ).to(torch.float64)
+    # On the CPU, whatever the device: its draws are the same for every prefix length.
+    generator = torch.Generator().manual_seed(derive_seed(config.seed, step))
+    return compute_advantages(
+        scores,
+        torch.tensor([e.group_id for e in batch], dtype=torch.long, device=device),
+        algo.estimator,
+        success=success,
+        success_threshold=algo.success_threshold,
+        std=algo.std,
+        eps=algo.eps,
+        generator=generator,
+    )
 
 def _response_mask(batch: Sequence[Experience], width: int, device: torch.device) -> torch.Tensor:
     """(N, width) bool, True on each sample's response tokens."""

@@ -29,7 +29,7 @@ from mapo_ray.learner.experience import Experience, shard_by_group
 from mapo_ray.learner.learner import Learner
 from mapo_ray.models import prepare_inputs
 from mapo_ray.models.tokenizer import THINK_END, THINK_START
-from mapo_ray.rollout.types import Prompt, pil_image
+from mapo_ray.types import Prompt, pil_image
 
 # Deliberately content-free: the synthetic rows carry no worked solution, and a short
 # fixed phrase costs the tiny policy a few tokens to learn, leaving the answer to RL.
@@ -119,7 +119,7 @@ def warm_start(
         learner: this rank's learner; the warm-start leaves its RL step count and lr
             schedule where they were.
         cfg: the ``sft`` section.
-        take: on rank 0, where prompts come from (e.g. the loop's ``PromptStream.take``);
+        take: on rank 0, where prompts come from (in a run, ``RolloutCoordinator.take_prompts``);
             None on the other ranks. Rank 0 builds each batch and sends every rank its
             share, whole examples balanced by tokens.
         log: called on rank 0 as ``log(step, metrics)`` after each step (steps from 1).

@@ -11,6 +11,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from mapo_ray.reward.contract import FAILURE_KINDS, FailureKind, Graded
 from mapo_ray.reward.text import truncate
@@ -26,6 +27,10 @@ class GroupRequest:
     answer: str
     responses: Sequence[str]
 
+    @property
+    def size(self) -> int:
+        return len(self.responses)
+
     def __post_init__(self) -> None:
         # Checked here, in the caller, so a wrong type never reaches an actor.
         if not isinstance(self.answer, str):
@@ -33,6 +38,15 @@ class GroupRequest:
         for index, response in enumerate(self.responses):
             if not isinstance(response, str):
                 raise TypeError(f"group {self.uid!r}: response {index} must be str, got {type(response).__name__}")
+
+
+@dataclass(frozen=True)
+class RequestRef:
+    """A ``GroupRequest`` that waits in the object store (``ref``), with its ``uid`` and response count."""
+
+    uid: str
+    size: int
+    ref: Any  # ray.ObjectRef[GroupRequest]; this module does not import Ray
 
 
 @dataclass(frozen=True)
@@ -56,8 +70,8 @@ class GroupResult:
         return [s["overall"] for s in self.scores]
 
     @staticmethod
-    def all_failed(request: GroupRequest, kind: FailureKind, retries: int = 0) -> GroupResult:
-        n = len(request.responses)
+    def all_failed(request: GroupRequest | RequestRef, kind: FailureKind, retries: int = 0) -> GroupResult:
+        n = request.size
         return GroupResult(
             uid=request.uid, scores=[{"overall": 0.0} for _ in range(n)], failures=[kind] * n, retries=retries
         )

@@ -1,8 +1,9 @@
 """The reward actor pool: CPU actors that grade whole groups, many groups at a time.
 
 Each ``RewardWorker`` is a thin actor around one ``TimedGrader`` (every grading in a
-child process with its own time limit). ``RewardPool`` lives in the driver and
-hands out one group per idle actor, so a slow group never queues others behind it
+child process with its own time limit). ``RewardPool`` lives in the process that made
+it (in a run, the rollout coordinator on learner rank 0, so the actors die with it
+and a restarted learner starts a fresh pool) and hands out one group per idle actor, so a slow group never queues others behind it
 and each call's deadline (``reward.call_timeout_s``) runs from the moment an actor
 starts on it. When an actor dies, it is replaced and its group is graded again by
 the next idle actor, up to ``reward.max_retries`` times (counted in
@@ -28,7 +29,7 @@ from ray.exceptions import RayActorError, RayError
 from mapo_ray.config import RewardConfig
 from mapo_ray.reward.contract import FailureKind
 from mapo_ray.reward.functions import load_reward_fn
-from mapo_ray.reward.group import GroupRequest, GroupResult, grade_group, log_failure
+from mapo_ray.reward.group import GroupRequest, GroupResult, RequestRef, grade_group, log_failure
 from mapo_ray.reward.sandbox import TimedGrader
 from mapo_ray.sync.errors import first_line
 
@@ -52,7 +53,7 @@ class RewardWorker:
 class RewardPool:
     """``config.num_workers`` reward actors behind one blocking ``score`` call.
 
-    Construction fails fast, in the driver, on a reward function that cannot be
+    Construction fails fast, in the caller, on a reward function that cannot be
     loaded, and waits (up to ``start_timeout_s``) until every actor is ready. Not
     thread-safe: one ``score`` call at a time.
     """
@@ -68,8 +69,11 @@ class RewardPool:
     def size(self) -> int:
         return len(self._actors)
 
-    def score(self, requests: Sequence[GroupRequest]) -> list[GroupResult]:
+    def score(self, requests: Sequence[GroupRequest | RequestRef]) -> list[GroupResult]:
         """Grade every group; results are in the order of ``requests``.
+
+        A ``RequestRef`` goes to its actor as the object reference it is: the actor reads
+        the responses from the object store, and they never pass through this process.
 
         Never raises for a reward function's failure or a lost actor: a group whose
         actor died is retried (``reward.max_retries``), and failed rollouts get
@@ -86,7 +90,8 @@ class RewardPool:
         while waiting or running:
             while idle and waiting:
                 slot, index = idle.pop(), waiting.popleft()
-                call = self._actors[slot].score.remote(requests[index])
+                request = requests[index]
+                call = self._actors[slot].score.remote(request.ref if isinstance(request, RequestRef) else request)
                 running[call] = (slot, index, time.monotonic() + self._config.call_timeout_s)
             nearest = min(deadline for _, _, deadline in running.values())
             ray.wait(list(running), num_returns=1, timeout=max(nearest - time.monotonic(), 0.0))
@@ -135,10 +140,15 @@ class RewardPool:
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
-    def _lose(self, slot: int, request: GroupRequest, kind: FailureKind, detail: str, retries: int) -> GroupResult:
+    def _lose(
+        self, slot: int, request: GroupRequest | RequestRef, kind: FailureKind, detail: str, retries: int
+    ) -> GroupResult:
         """Zero a group whose call failed, and put a fresh actor in ``slot``."""
-        first = request.responses[0] if request.responses else ""
-        log_failure(kind, detail, request.uid, f"(all {len(request.responses)})", first, request.answer)
+        if isinstance(request, GroupRequest):
+            first, answer = (request.responses[0] if request.responses else ""), request.answer
+        else:
+            first, answer = "(in the object store)", "(in the object store)"
+        log_failure(kind, detail, request.uid, f"(all {request.size})", first, answer)
         self._replace(slot)
         return GroupResult.all_failed(request, kind, retries)
 

@@ -1,6 +1,8 @@
 """Rollout: engines that sample G responses per prompt, and the Ray actors that own them.
 
-- ``types``: ``Prompt``, ``SamplingParams``, ``Sample``, ``Group``
+The dataclasses that go in and come out (``Prompt``, ``SamplingParams``, ``Sample``,
+``Group``) live in ``mapo_ray.types``, shared with the learner and the reward.
+
 - ``sampling``: the sampling distribution and log-probs (shared with the learner), response ends
 - ``engine``: the ``RolloutEngine`` protocol, ``make_engine`` and ``sampling_params`` from config
 - ``hf_engine`` / ``vllm_engine`` (+ ``vllm_worker``): the two engines
@@ -14,38 +16,18 @@ from mapo_ray.rollout.engine import RolloutEngine, make_engine, sampling_params
 from mapo_ray.rollout.hf_engine import HFEngine
 from mapo_ray.rollout.sampling import (
     behaviour_logits,
-    derive_seed,
     response_end,
     sampling_logits,
     token_logprobs,
     vllm_logprobs_mode,
 )
-from mapo_ray.rollout.types import (
-    FinishReason,
-    Group,
-    Prompt,
-    Sample,
-    SamplingParams,
-    count_tokens,
-    pil_image,
-    prompts_from_batch,
-)
 from mapo_ray.rollout.vllm_engine import VLLMEngine
 
 __all__ = [
-    "FinishReason",
-    "Group",
     "HFEngine",
-    "Prompt",
     "RolloutEngine",
-    "Sample",
-    "SamplingParams",
     "VLLMEngine",
-    "count_tokens",
-    "derive_seed",
     "make_engine",
-    "pil_image",
-    "prompts_from_batch",
     "response_end",
     "behaviour_logits",
     "sampling_logits",

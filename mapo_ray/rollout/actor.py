@@ -1,11 +1,15 @@
 """Rollout actors: thin Ray actors that own one engine each, and the driver-side calls to them.
 
-A ``RolloutActor`` holds its engine, an optional Ray Data shard and its counters; the
-work is the engine's. It takes prompts two ways: a batch handed to ``generate``, or the
-next batch of a shard attached with ``attach_shard`` (``rollout_next``). A shard is read
-one batch per call, so weight updates (``join_weight_sync`` / ``receive_weights``, the
-methods ``mapo_ray.sync.ray_sync.RayWeightSync`` calls) fit between two batches and the
-caller decides how stale a batch may be.
+A ``RolloutActor`` holds its engine and its counters; the work is the engine's. The
+coordinator calls it through the ``RolloutWorker`` protocol: ``rollout`` takes its
+prompts straight from the object store (an ``ObjectRef`` the prompt reader made) and
+leaves its output there, one object per group for the reward pool (the response
+texts) and one for the learner rank that trains on it (tokens, log-probs, images);
+only a small ``GroupSummary`` per group comes back to the caller. ``generate``
+returns whole groups, for callers that want them in hand. Weight updates
+(``join_weight_sync`` / ``receive_weights``, the methods
+``mapo_ray.sync.ray_sync.RayWeightSync`` calls) fit between two calls, and the caller
+decides how stale a batch may be.
 
 An engine error comes back as ``RolloutError`` naming the actor; ``collect`` turns a
 dead, failing or silent actor into one ``RolloutError`` naming each of them.
@@ -23,18 +27,19 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 import ray
 from ray.actor import ActorHandle
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 from mapo_ray.config import RolloutConfig
-from mapo_ray.rollout.engine import make_engine
-from mapo_ray.rollout.types import Group, Prompt, SamplingParams, count_tokens, prompts_from_batch
+from mapo_ray.reward.group import GroupRequest
+from mapo_ray.rollout.engine import RolloutEngine, make_engine
 from mapo_ray.sync import GroupAddress, SyncPlan
 from mapo_ray.sync.errors import first_line
+from mapo_ray.types import Group, GroupPayload, GroupSummary, Prompt, SamplingParams, count_tokens
 
 
 class RolloutError(RuntimeError):
@@ -45,17 +50,61 @@ class ActorRestartedError(RolloutError):
     """A restarted rollout actor was asked to generate before a weight update reached it."""
 
 
+EngineFactory = Callable[[RolloutConfig, str, int], RolloutEngine]
+
+
+class RolloutWorker(Protocol):
+    """What the coordinator calls on a rollout actor, each through Ray's ``.remote``.
+
+    ``rollout`` is called with ``.options(num_returns=rollout_returns(len(prompts)))``:
+    its outputs are ``rollout_outputs``'s, each its own object in the object store.
+    """
+
+    def rollout(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[Any]: ...
+
+    def sync_ranks(self) -> int: ...
+
+    def join_weight_sync(self, address: GroupAddress, first_rank: int) -> None: ...
+
+    def receive_weights(self, plan: SyncPlan) -> int: ...
+
+    def weight_version(self) -> int | None: ...
+
+
+def rollout_returns(num_prompts: int) -> int:
+    """The ``num_returns`` of a ``rollout`` call on ``num_prompts`` prompts."""
+    return 1 + 2 * num_prompts
+
+
+def rollout_outputs(prompts: Sequence[Prompt], groups: Sequence[Group]) -> list[Any]:
+    """``[summaries, request_1..request_k, payload_1..payload_k]`` of k prompts and their groups:
+    the ``GroupSummary`` list the coordinator reads, each group's ``GroupRequest`` for the
+    reward pool and its ``GroupPayload`` for the learner."""
+    requests = [GroupRequest(g.uid, g.answer, [s.response_text for s in g.samples]) for g in groups]
+    payloads = [GroupPayload(g, p.images) for p, g in zip(prompts, groups)]
+    return [[GroupSummary.of(g) for g in groups], *requests, *payloads]
+
+
 @ray.remote
 class RolloutActor:
-    """One engine (``cfg.engine``) on one model copy, named ``name`` in every error and metric."""
+    """One engine on one model copy, named ``name`` in every error and metric.
 
-    def __init__(self, name: str, cfg: RolloutConfig, model_path: str | os.PathLike, seed: int = 0) -> None:
+    The engine is ``cfg.engine``'s, or ``engine_factory(cfg, model_path, seed)``'s when
+    given: tests and benchmarks hand in their doubles this way.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        cfg: RolloutConfig,
+        model_path: str | os.PathLike,
+        seed: int = 0,
+        engine_factory: EngineFactory | None = None,
+    ) -> None:
         self.name = name
-        self._engine = make_engine(cfg, model_path, seed)
+        self._engine = (engine_factory or make_engine)(cfg, str(model_path), seed)
         # A restart reloads the model folder: whatever version the run is at, these are not its weights.
         self._restarted = ray.get_runtime_context().was_current_actor_reconstructed
-        self._batches = None  # the attached shard's PromptBatches and its iterator
-        self._shard_iter = None
         self._tokens = 0
         self._seconds = 0.0
         self._last_tokens_per_s = 0.0
@@ -82,21 +131,9 @@ class RolloutActor:
         self._last_tokens_per_s = tokens / seconds if seconds > 0 else 0.0
         return groups
 
-    def attach_shard(self, shard: ray.data.DataIterator | ray.data.Dataset, batch_size: int) -> None:
-        """Read prompts from ``shard`` (e.g. one ``streaming_split`` iterator) ``batch_size`` at a time."""
-        from mapo_ray.data.pipeline import PromptBatches  # Ray Data only where a shard is used
-
-        self._batches = PromptBatches(shard, batch_size)
-        self._shard_iter = iter(self._batches)
-
-    def rollout_next(self, params: SamplingParams) -> list[Group] | None:
-        """Groups for the next batch of the attached shard; None once the shard is exhausted."""
-        if self._shard_iter is None:
-            raise RolloutError(f"rollout actor {self.name!r}: rollout_next before attach_shard")
-        batch = next(self._shard_iter, None)
-        if batch is None:
-            return None
-        return self.generate(prompts_from_batch(batch), params)
+    def rollout(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[Any]:
+        """``generate``, its outputs split as ``rollout_outputs`` splits them (see ``RolloutWorker``)."""
+        return rollout_outputs(prompts, self.generate(prompts, params))
 
     def sync_ranks(self) -> int:
         """Ranks this actor holds in a weight-sync group (``RayWeightSync.connect``'s ``ranks_per_actor``)."""
@@ -115,24 +152,25 @@ class RolloutActor:
         return None if self._restarted else self._engine.weight_version
 
     def metrics(self) -> dict[str, float]:
-        """Generated tokens and seconds spent generating since start, their ratio, the last
-        call's tokens per second, and the attached shard's ``data/*`` counts."""
-        out = {
+        """Generated tokens and seconds spent generating since start, their ratio, and the last
+        call's tokens per second."""
+        return {
             "rollout/generated_tokens": float(self._tokens),
             "rollout/generate_s": self._seconds,
             "rollout/tokens_per_s": self._tokens / self._seconds if self._seconds > 0 else 0.0,
             "rollout/last_tokens_per_s": self._last_tokens_per_s,
         }
-        if self._batches is not None:
-            out.update({k: float(v) for k, v in self._batches.metrics().items()})
-        return out
 
 
 def create_rollout_actors(
-    cfg: RolloutConfig, model_path: str | os.PathLike, seed: int = 0, prefix: str = "rollout"
+    cfg: RolloutConfig,
+    model_path: str | os.PathLike,
+    seed: int = 0,
+    prefix: str = "rollout",
+    engine_factory: EngineFactory | None = None,
 ) -> dict[str, ActorHandle]:
     """``cfg.num_actors`` actors named ``{prefix}-{i}``, each with its resources and engine seed ``seed + i``;
-    restartable by Ray when ``cfg.max_restarts`` > 0."""
+    restartable by Ray when ``cfg.max_restarts`` > 0. ``engine_factory``: see ``RolloutActor``."""
     # Ray restarts a dead actor as often as it dies; how many restarts one batch may
     # wait for is the loop's bound (cfg.max_restarts), since a long run may lose many.
     restarts = -1 if cfg.max_restarts else 0
@@ -142,7 +180,7 @@ def create_rollout_actors(
         options = RolloutActor.options(
             num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.gpus_per_actor, max_restarts=restarts
         )
-        actors[name] = options.remote(name, cfg, str(model_path), seed + i)
+        actors[name] = options.remote(name, cfg, str(model_path), seed + i, engine_factory)
     return actors
 
 

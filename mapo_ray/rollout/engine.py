@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from mapo_ray.rollout.types import Group, Prompt, SamplingParams
+from mapo_ray.types import Group, Prompt, SamplingParams
 
 if TYPE_CHECKING:
     from mapo_ray.config import RolloutConfig

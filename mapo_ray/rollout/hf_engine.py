@@ -34,8 +34,8 @@ from transformers import (
 
 from mapo_ray.models import prepare_inputs
 from mapo_ray.rollout.sampling import behaviour_logits, response_end, sampling_logits
-from mapo_ray.rollout.types import Group, Prompt, Sample, SamplingParams, pil_image
 from mapo_ray.sync import GroupAddress, SyncPlan, WeightReceiver
+from mapo_ray.types import Group, Prompt, Sample, SamplingParams, pil_image
 
 logger = logging.getLogger(__name__)
 

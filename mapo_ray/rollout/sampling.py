@@ -27,10 +27,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
 
-import numpy as np
 import torch
 
-from mapo_ray.rollout.types import FinishReason
+from mapo_ray.types import FinishReason
 
 
 def sampling_logits(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -118,11 +117,3 @@ def response_end(
         length, reason = low, "stop"
     return length, reason
 
-
-def derive_seed(seed: int, index: int) -> int:
-    """A 32-bit seed for prompt ``index`` of a batch sampled with ``seed``.
-
-    Hashing (rather than ``seed + index``) keeps neighbouring batch seeds from sharing
-    prompt seeds; vLLM adds the sample index to it for each of the G samples.
-    """
-    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])

@@ -38,8 +38,7 @@ from typing import TYPE_CHECKING
 import safetensors.torch
 import torch
 
-from mapo_ray.rollout.sampling import derive_seed
-from mapo_ray.rollout.types import Group, Prompt, Sample, SamplingParams, pil_image
+from mapo_ray.types import Group, Prompt, Sample, SamplingParams, derive_seed, pil_image
 
 if TYPE_CHECKING:
     from mapo_ray.sync.group import GroupAddress

@@ -16,7 +16,8 @@ from PIL import Image
 
 from mapo_ray.data.prompts import render_prompt
 from mapo_ray.models import tiny_vl_path
-from mapo_ray.rollout import HFEngine, Prompt, SamplingParams
+from mapo_ray.rollout import HFEngine
+from mapo_ray.types import Prompt, SamplingParams
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():

@@ -153,7 +153,7 @@ def test_emoset_jsonl_becomes_emotion_prompts(ray_cluster, tmp_path, tiny_path):
 def test_evaluation_prompts_count_their_skips_and_an_unusable_test_split_is_named(ray_cluster, tmp_path, tiny_path):
     from mapo_ray.config import load_config
     from mapo_ray.data import DataError
-    from mapo_ray.loop import load_eval_prompts
+    from mapo_ray.data.stream import load_eval_prompts
 
     good = {"bytes": png(100, 80), "path": "good.png"}
     broken = {"bytes": b"\x89PNG\r\n\x1a\n broken", "path": "bad.png"}

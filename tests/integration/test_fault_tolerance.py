@@ -42,14 +42,15 @@ from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 from mapo_ray.config import RolloutConfig, SyncConfig, load_config
 from mapo_ray.data.prompts import render_prompt
 from mapo_ray.job import resolve_inputs
-from mapo_ray.loop import DataPosition, PromptStream, finish, launch, train
+from mapo_ray.coordinator import even_sizes, finish, launch
+from mapo_ray.data.stream import DataPosition, PromptStream
+from mapo_ray.loop import train
 from mapo_ray.models import tiny_vl_path
-from mapo_ray.reward.pool import RewardPool
-from mapo_ray.rollout import Prompt, SamplingParams
 from mapo_ray.rollout.actor import RolloutError, await_restart, create_rollout_actors
 from mapo_ray.sync.ray_sync import RayWeightSync
 from mapo_ray.telemetry.ledger import LEDGER_FILE, read_ledger
 from mapo_ray.telemetry.records import METRICS_FILE, read_metrics
+from mapo_ray.types import Prompt, SamplingParams
 
 pytestmark = pytest.mark.integration
 
@@ -81,14 +82,12 @@ def config(steps: int, *overrides: str):
 def run(cfg, model_path: Path, run_dir: Path, during: Callable[[dict], None] | None = None):
     """``train`` with fresh driver-owned actors; ``during(actors)`` starts before it (e.g. a watcher)."""
     actors = create_rollout_actors(cfg.rollout, model_path, seed=cfg.seed)
-    pool = RewardPool(cfg.reward)
     try:
         if during is not None:
             during(actors)
-        result = train(cfg, run_dir=run_dir, model_path=model_path, rollout_actors=actors, reward_pool=pool)
+        result = train(cfg, run_dir=run_dir, model_path=model_path, rollout_actors=actors)
         versions = ray.get([a.weight_version.remote() for a in actors.values()], timeout=120)
     finally:
-        pool.shutdown()
         for actor in actors.values():
             ray.kill(actor)
     return result, versions
@@ -168,7 +167,7 @@ def uninterrupted_order(cfg, model_path: Path, steps: int) -> list[list[tuple[st
     """The (uid, epoch) pairs each step of an uninterrupted run trains on: the loop's own prompt stream."""
     context = ray.data.DataContext.get_current()
     before = context.execution_options.preserve_order
-    context.execution_options.preserve_order = True  # as the loop's rank 0 sets it
+    context.execution_options.preserve_order = True  # as the prompt reader sets it
     try:
         stream = PromptStream(cfg, str(model_path), DataPosition())
         order = []
@@ -195,7 +194,7 @@ def test_a_restarted_actor_generates_its_share_again_exactly_and_the_bound_holds
         for param in model.parameters():
             param.mul_(1.25)
 
-    def revive(names: list[str]) -> None:  # what the loop's rank 0 does, without the other learner ranks
+    def revive(names: list[str]) -> None:  # what the coordinator does, without the other learner ranks
         for name in names:
             await_restart(actors[name], name, 120)
         sync.connect(actors)
@@ -204,23 +203,28 @@ def test_a_restarted_actor_generates_its_share_again_exactly_and_the_bound_holds
     tokenizer = AutoTokenizer.from_pretrained(tiny_vl_path())
     prompts = [Prompt(f"p{i}", render_prompt(tokenizer, f"What is {i} + {i}?"), (), str(2 * i)) for i in range(4)]
     params = SamplingParams(n=2, temperature=1.0, max_new_tokens=8, seed=7)
+    sizes = even_sizes(len(prompts), list(actors))
+    shares = {"rollout-0": ray.put(prompts[:2]), "rollout-1": ray.put(prompts[2:])}
+    assert sizes == {"rollout-0": 2, "rollout-1": 2}
+
+    def samples(generated) -> list[list[list[int]]]:
+        return [[s.response_ids for s in p.group.samples] for p in ray.get([g.payload for g in generated])]
+
     try:
         sync.connect(actors)
         assert sync.sync_model(model) == 1
-        reference = finish(launch(actors, prompts, params, DataPosition()), 120)
+        reference = finish(launch(actors, shares, sizes, params, ray.put(None)), 120)
 
-        pending = launch(actors, prompts, params, DataPosition())
+        pending = launch(actors, shares, sizes, params, ray.put(None))
         ray.kill(actors["rollout-1"], no_restart=False)  # mid-call: its share is lost
-        groups = finish(pending, 120, revive, max_restarts=1)
+        generated = finish(pending, 120, revive, max_restarts=1)
         assert pending.restarts == 1
         assert ray.get([a.weight_version.remote() for a in actors.values()], timeout=120) == [1, 1]
         # Same weights, same share, same seed: the restarted actor's groups are the lost ones.
-        assert [g.uid for g in groups] == ["p0", "p1", "p2", "p3"]
-        assert [[s.response_ids for s in g.samples] for g in groups] == [
-            [s.response_ids for s in g.samples] for g in reference
-        ]
+        assert [g.summary.uid for g in generated] == ["p0", "p1", "p2", "p3"]
+        assert samples(generated) == samples(reference)
 
-        pending = launch(actors, prompts, params, DataPosition())
+        pending = launch(actors, shares, sizes, params, ray.put(None))
         ray.kill(actors["rollout-0"], no_restart=False)
         with pytest.raises(RolloutError, match=r"'rollout-0' .*rollout\.max_restarts is 0"):
             finish(pending, 120, revive, max_restarts=0)

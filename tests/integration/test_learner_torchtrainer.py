@@ -24,7 +24,8 @@ from mapo_ray.algo import compute_advantages, compute_policy_loss, expand_to_tok
 from mapo_ray.config import Config, from_dict, load_config, to_dict
 from mapo_ray.learner import Experience, shard_by_group
 from mapo_ray.models import tiny_vl_path
-from mapo_ray.rollout import HFEngine, Prompt, SamplingParams
+from mapo_ray.rollout import HFEngine
+from mapo_ray.types import Prompt, SamplingParams
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,6 @@ import ray
 from mapo_ray.config import load_config
 from mapo_ray.job import resolve_inputs
 from mapo_ray.loop import train
-from mapo_ray.reward.pool import RewardPool
 from mapo_ray.rollout.actor import create_rollout_actors
 from mapo_ray.telemetry.records import read_metrics
 
@@ -27,7 +26,7 @@ pytestmark = pytest.mark.integration
 
 # cpu-tiny's run is 40 steps; by step 20 seed 0 has gained about 50 points (benchmarks/estimators.py).
 STEPS = 20
-# Shorter than cpu-tiny's run, so the margin asked for is smaller than the issue's 30 points.
+# 20 points: well under that gain, and far above the ~3-point spread of one evaluation (see below).
 MARGIN = 0.2
 
 
@@ -48,12 +47,10 @@ def eval_accuracy(cfg, run_dir: Path) -> dict[int, float]:
     """Train ``cfg`` into ``run_dir``; the eval accuracy at each evaluated step (0: the warm-start)."""
     cfg, model_path = resolve_inputs(cfg)
     actors = create_rollout_actors(cfg.rollout, model_path, seed=cfg.seed)
-    pool = RewardPool(cfg.reward)
     try:
-        result = train(cfg, run_dir=run_dir, model_path=model_path, rollout_actors=actors, reward_pool=pool)
+        result = train(cfg, run_dir=run_dir, model_path=model_path, rollout_actors=actors)
         versions = ray.get([a.weight_version.remote() for a in actors.values()])
     finally:
-        pool.shutdown()
         for actor in actors.values():
             ray.kill(actor)
     assert result.error is None

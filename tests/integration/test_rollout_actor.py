@@ -1,10 +1,9 @@
 """Rollout actors on a local Ray cluster with the tiny Qwen2.5-VL and the HF engine:
-groups from handed batches and from a Ray Data shard, weight updates through
+groups from handed batches and from shares of the prompt reader, weight updates through
 ``RayWeightSync``, and failures that name the actor."""
 
 from __future__ import annotations
 
-import collections
 import io
 
 import pyarrow as pa
@@ -14,12 +13,13 @@ import ray
 import torch
 from PIL import Image
 
-from mapo_ray.config import DataConfig, RolloutConfig, SyncConfig
+from mapo_ray.config import RolloutConfig, SyncConfig
 from mapo_ray.data.prompts import render_prompt
 from mapo_ray.models import tiny_vl_path
-from mapo_ray.rollout import HFEngine, Prompt, SamplingParams, count_tokens
+from mapo_ray.rollout import HFEngine
 from mapo_ray.rollout.actor import RolloutError, collect, create_rollout_actors
 from mapo_ray.sync.ray_sync import RayWeightSync
+from mapo_ray.types import Prompt, SamplingParams, count_tokens
 
 pytestmark = pytest.mark.integration
 
@@ -97,8 +97,11 @@ def _png(width: int, height: int) -> bytes:
     return buffer.getvalue()
 
 
-def test_actors_consume_streaming_split_shards(actors, tmp_path):
-    from mapo_ray.data.pipeline import open_split, prompt_dataset
+def test_rollout_reads_its_share_from_the_object_store_and_leaves_its_groups_there(actors, tmp_path):
+    """The production data path: Ray Data -> PromptReader -> one object per share -> ``rollout``."""
+    from mapo_ray.config import load_config
+    from mapo_ray.data.stream import DataPosition, PromptReader, Taken
+    from mapo_ray.rollout.actor import rollout_returns
 
     good = {"bytes": _png(90, 70), "path": "good.png"}
     broken = {"bytes": b"\x89PNG\r\n\x1a\n truncated", "path": "broken.png"}
@@ -110,35 +113,46 @@ def test_actors_consume_streaming_split_shards(actors, tmp_path):
             "answer": [str(i) for i in range(len(images))],
         }
     )
-    pq.write_table(table, tmp_path / "shard.parquet")
-    data_cfg = DataConfig(
-        train=str(tmp_path / "shard.parquet"),
-        min_pixels=28 * 28 * 4,
-        max_pixels=28 * 28 * 64,
-        num_workers=1,
-        rows_per_block=2,
+    pq.write_table(table, tmp_path / "rows.parquet")
+    cfg = load_config(
+        preset="cpu-tiny",
+        overrides=[
+            f"data.train={tmp_path / 'rows.parquet'}",
+            f"data.test={tmp_path / 'rows.parquet'}",
+            "data.shuffle=false",
+            "data.num_workers=1",
+            "data.rows_per_block=2",
+            "trainer.eval_every=0",
+        ],
     )
-    dataset = prompt_dataset(open_split(data_cfg, "train"), data_cfg, tokenizer_path=tiny_vl_path(), seed=0)
-    names = list(actors)
-    for name, shard in zip(names, dataset.streaming_split(len(names))):
-        ray.get(actors[name].attach_shard.remote(shard, 2), timeout=TIMEOUT_S)
-
-    seen: list[str] = []
-    active = set(names)
-    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=4, seed=1)
-    while active:  # every consumer of a streaming_split must keep reading, so call them together
-        results = collect({actors[n].rollout_next.remote(params): n for n in active}, "rollout_next", TIMEOUT_S)
-        for name, groups in results.items():
-            if groups is None:
-                active.discard(name)
-            else:
-                seen += [g.uid for g in groups]
-                assert all(len(g.samples) == 2 for g in groups)
-    assert sorted(seen) == sorted(f"shard.parquet#{i}" for i in range(7) if i != 3)
-    totals = collections.Counter()
-    for m in on_each(actors, "metrics").values():
-        totals.update({k: v for k, v in m.items() if k.startswith("data/")})
-    assert totals["data/prompts"] == 6 and totals["data/skipped/corrupt_image"] == 1
+    reader = PromptReader.remote(cfg, str(tiny_vl_path()), DataPosition())
+    try:
+        taken_ref, first, second = reader.take.options(num_returns=3).remote([3, 3])
+        params = SamplingParams(n=2, temperature=1.0, max_new_tokens=4, seed=1)
+        calls = {
+            name: actors[name].rollout.options(num_returns=rollout_returns(3)).remote(share, params)
+            for name, share in zip(actors, (first, second))
+        }
+        uids = [f"rows.parquet#{i}" for i in range(7) if i != 3]
+        taken: Taken = ray.get(taken_ref, timeout=TIMEOUT_S)
+        assert taken.uids == uids and taken.epochs == [0] * 6 and taken.position == DataPosition()
+        for name, (summaries, *rest) in zip(actors, calls.values()):
+            summaries = ray.get(summaries, timeout=TIMEOUT_S)
+            requests, payloads = ray.get(rest[:3], timeout=TIMEOUT_S), ray.get(rest[3:], timeout=TIMEOUT_S)
+            assert [s.uid for s in summaries] == [r.uid for r in requests] == [p.group.uid for p in payloads]
+            for summary, request, payload in zip(summaries, requests, payloads):
+                samples = payload.group.samples
+                assert summary.response_lengths == [len(s.response_ids) for s in samples]
+                assert summary.prompt_length == len(samples[0].prompt_ids) and summary.size == 2
+                assert list(request.responses) == [s.response_text for s in samples]
+                assert request.answer == payload.group.answer == summary.uid.rsplit("#", 1)[1]
+                (image,) = payload.images  # the prompt's image, resized, rides with the group
+                assert image.shape[2] == 3 and image.dtype.name == "uint8"
+        metrics = ray.get(reader.metrics.remote(), timeout=TIMEOUT_S)
+        assert metrics["data/prompts"] >= 6 and metrics["data/skipped/corrupt_image"] == 1
+        assert ray.get(reader.position.remote(), timeout=TIMEOUT_S) == DataPosition(0, 6)
+    finally:
+        ray.kill(reader)
 
 
 def test_failures_name_the_actor(ray_cluster, actors, prompts):

@@ -17,7 +17,6 @@ from safetensors.torch import load_file
 from mapo_ray.config import load_config
 from mapo_ray.job import resolve_inputs
 from mapo_ray.loop import train
-from mapo_ray.reward.pool import RewardPool
 from mapo_ray.rollout.actor import create_rollout_actors
 
 pytestmark = pytest.mark.integration
@@ -29,7 +28,7 @@ def spread_reward(response: str, answer: str) -> dict[str, float]:
     return {"overall": (sum(map(ord, response)) % 11) / 10}
 
 
-def config(tmp_path: Path, steps: int):
+def config(tmp_path: Path, steps: int, *extra: str):
     return load_config(
         preset="cpu-tiny",
         overrides=[
@@ -48,6 +47,7 @@ def config(tmp_path: Path, steps: int):
             "sft.batch_size=4",
             "data.synthetic_train=32",
             "data.synthetic_test=8",
+            *extra,
         ],
     )
 
@@ -55,14 +55,12 @@ def config(tmp_path: Path, steps: int):
 def run(cfg, run_dir: Path, resume_from: Path | None = None):
     cfg, model_path = resolve_inputs(cfg)
     actors = create_rollout_actors(cfg.rollout, model_path, seed=cfg.seed)
-    pool = RewardPool(cfg.reward)
     try:
         result = train(
-            cfg, run_dir=run_dir, model_path=model_path, rollout_actors=actors, reward_pool=pool, resume_from=resume_from
+            cfg, run_dir=run_dir, model_path=model_path, rollout_actors=actors, resume_from=resume_from
         )
         versions = ray.get([a.weight_version.remote() for a in actors.values()])
     finally:
-        pool.shutdown()
         for actor in actors.values():
             ray.kill(actor)
     return result, versions
@@ -125,3 +123,27 @@ def test_three_steps_then_an_exact_resume_from_step_two(ray_cluster, tmp_path):
     c = load_file(first / "policy/model.safetensors")
     for name in a:
         assert torch.equal(a[name], c[name]), name
+
+
+def test_the_loop_syncs_actors_that_hold_two_weight_sync_ranks_each(ray_cluster, tmp_path):
+    """Tensor parallelism's side of the loop: each actor's engine holds two sync ranks
+    (``tests.integration.two_rank_engine``, a double of vLLM with tensor_parallel_size=2),
+    so the coordinator forms a group of 1 + 2 x 2 ranks and both ranks of each actor load
+    every update."""
+    from tests.integration.two_rank_engine import two_rank_engine
+
+    extra = ("trainer.num_learners=1", "rollout.num_actors=2", "rollout.num_cpus_per_actor=0.5", "sft.steps=0")
+    cfg, model_path = resolve_inputs(config(tmp_path, 2, *extra))
+    actors = create_rollout_actors(cfg.rollout, model_path, seed=cfg.seed, engine_factory=two_rank_engine)
+    try:
+        assert ray.get([a.sync_ranks.remote() for a in actors.values()]) == [2, 2]
+        result = train(cfg, run_dir=tmp_path / "run", model_path=model_path, rollout_actors=actors)
+        assert result.error is None
+        assert ray.get([a.weight_version.remote() for a in actors.values()]) == [2, 2]
+        # The second rank's copy equals what the first rank loaded into the model, for every tensor.
+        shadows = [a.__ray_call__.remote(lambda actor: actor._engine.shadow_matches()) for a in actors.values()]
+        assert ray.get(shadows) == [True, True]
+    finally:
+        for actor in actors.values():
+            ray.kill(actor)
+    assert [steps(tmp_path / "run")[s]["weight_version"] for s in (1, 2)] == [1, 2]

@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
 from mapo_ray.models import tiny_text_path
-from mapo_ray.rollout import HFEngine, Prompt, SamplingParams, token_logprobs
+from mapo_ray.rollout import HFEngine, token_logprobs
+from mapo_ray.types import Prompt, SamplingParams
 from vllm_venv import ROOT, ensure_vllm_venv
 
 pytestmark = pytest.mark.integration

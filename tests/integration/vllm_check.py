@@ -52,7 +52,8 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
-    from mapo_ray.rollout import Prompt, SamplingParams, VLLMEngine
+    from mapo_ray.rollout import VLLMEngine
+    from mapo_ray.types import Prompt, SamplingParams
 
     with open(args.prompts) as f:
         prompts = [Prompt(uid=f"p{i}", text=text) for i, text in enumerate(json.load(f))]

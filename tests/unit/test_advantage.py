@@ -98,14 +98,16 @@ def test_equal_rewards_and_singletons_give_exact_zero(estimator):
 def test_shuffling_permutes_and_relabelling_changes_nothing(estimator):
     g = torch.Generator().manual_seed(1)
     scores = torch.rand(60, generator=g).round(decimals=1)
-    groups = torch.randint(0, 7, (60,), generator=g) * 1000 - 3
+    # mapo_random gives group g the g-th draw: it needs ids >= 0, and a relabelling changes its draws.
+    shift = 3 if estimator == "mapo_random" else -3
+    groups = torch.randint(0, 7, (60,), generator=g) * 1000 + shift
     base = compute_advantages(scores, groups, estimator, generator=torch.Generator().manual_seed(5))
     perm = torch.randperm(60, generator=g)
     shuffled = compute_advantages(scores[perm], groups[perm], estimator, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(shuffled, base[perm])
-    # An order-preserving relabelling keeps mapo_random's per-group draws aligned too.
-    relabelled = compute_advantages(scores, groups * 7 + 11, estimator, generator=torch.Generator().manual_seed(5))
-    torch.testing.assert_close(relabelled, base)
+    if estimator != "mapo_random":
+        relabelled = compute_advantages(scores, groups * 7 + 11, estimator, generator=torch.Generator().manual_seed(5))
+        torch.testing.assert_close(relabelled, base)
 
 
 def test_variable_group_sizes_and_noncontiguous_ids_match_reference():
@@ -127,13 +129,23 @@ def test_unbiased_std():
     torch.testing.assert_close(out[0], torch.tensor(-1.5), atol=1e-4, rtol=0)
 
 
-def test_mapo_random_draws_one_lambda_per_group_from_the_generator():
+def test_mapo_random_gives_group_g_the_gth_draw_so_any_subset_of_groups_gets_the_same_weights():
     scores = torch.tensor([0.0, 1.0, 0.2, 0.4, 0.9, 0.1])
     groups = torch.tensor([8, 8, 8, 2, 2, 2])
-    draws = torch.rand(2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    expected = reference(scores.tolist(), groups.tolist(), "mapo_random", lambdas={2: draws[0].item(), 8: draws[1].item()})
+    draws = torch.rand(9, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    expected = reference(scores.tolist(), groups.tolist(), "mapo_random", lambdas={2: draws[2].item(), 8: draws[8].item()})
     out = compute_advantages(scores, groups, "mapo_random", generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(out, torch.tensor(expected, dtype=torch.float32))
+    # A learner rank's shard: groups 0..511 of a batch split in two, each half computed alone.
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(512 * 4, generator=g).round(decimals=1)
+    groups = torch.arange(512).repeat_interleave(4)
+    whole = compute_advantages(scores, groups, "mapo_random", generator=torch.Generator().manual_seed(7))
+    for part in (groups % 2 == 0, groups % 2 == 1, groups >= 300):
+        alone = compute_advantages(scores[part], groups[part], "mapo_random", generator=torch.Generator().manual_seed(7))
+        torch.testing.assert_close(alone, whole[part], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="group ids >= 0"):
+        compute_advantages(scores[:4], torch.tensor([-1, -1, 0, 0]), "mapo_random")
 
 
 def test_threshold_and_huge_values_stay_finite():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mapo_ray.config import PRESETS, Config, ConfigError, from_dict, load_config, to_dict
+from mapo_ray.job import check_names
 
 
 def test_defaults_and_layering(tmp_path):
@@ -49,8 +50,9 @@ def test_presets_are_not_mutated_by_overrides():
     ],
 )
 def test_errors_name_the_key_value_and_expected(overrides, message):
+    # load_config checks keys, types and values; check_names the registered names (a job runs both).
     with pytest.raises(ConfigError, match=message):
-        load_config(overrides=overrides)
+        check_names(load_config(overrides=overrides))
 
 
 def test_null_and_unknown_preset_and_bad_file(tmp_path):

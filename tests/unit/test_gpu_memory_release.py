@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from mapo_ray.learner.learner import Learner
-from mapo_ray.rollout.types import Prompt, SamplingParams
 from mapo_ray.rollout.vllm_engine import VLLMEngine
+from mapo_ray.types import Prompt, SamplingParams
 
 
 @pytest.mark.parametrize(("device", "calls"), [("cpu", 0), ("cuda", 1)])

@@ -35,6 +35,21 @@ def test_a_wrong_key_or_value_is_named(tmp_path):
     assert "algo.clip_ratio_low must be in [0, 1)" in check(tmp_path, "--set", "algo.clip_ratio_low=1.5")
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("algo.estimator=mapoo", "algo.estimator: unknown advantage estimator 'mapoo'; did you mean 'mapo'?"),
+        ("algo.policy_loss=ppoo", "algo.policy_loss: unknown policy loss 'ppoo'; did you mean 'ppo'?"),
+        ("algo.kl_estimator=k4", "algo.kl_estimator: unknown KL estimator 'k4'"),
+        ("reward.function=maths", "reward.function: unknown reward function 'maths'; did you mean 'math'?"),
+        ("data.synthetic_kinds=[fill, circles]", "data.synthetic_kinds: synthetic task: unknown kind(s) ['circles']"),
+    ],
+)
+def test_a_wrong_name_is_named(tmp_path, override, message):
+    # Checked by check_names, not by load_config (mapo_ray.config imports none of the registries).
+    assert message in check(tmp_path, "--set", override)
+
+
 def test_batch_arithmetic_that_cannot_work_is_named(tmp_path):
     message = check(tmp_path, "--set", "learner.updates_per_step=1000")
     assert "learner.updates_per_step (1000)" in message and "gives 128" in message

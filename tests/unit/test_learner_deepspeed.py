@@ -18,7 +18,8 @@ from mapo_ray.config import Config, load_config
 from mapo_ray.learner import Experience, Learner
 from mapo_ray.models import tiny_text_path, tiny_vl_path
 from mapo_ray.models.tokenizer import IMAGE_PAD
-from mapo_ray.rollout import HFEngine, Prompt, SamplingParams
+from mapo_ray.rollout import HFEngine
+from mapo_ray.types import Prompt, SamplingParams
 
 TEMPERATURE = 0.7
 

@@ -23,7 +23,8 @@ from mapo_ray.learner import Experience, Learner
 from mapo_ray.learner.sft import sft_examples, sft_target, warm_start
 from mapo_ray.models import tiny_vl_path
 from mapo_ray.reward import score_math
-from mapo_ray.rollout import HFEngine, Prompt, SamplingParams
+from mapo_ray.rollout import HFEngine
+from mapo_ray.types import Prompt, SamplingParams
 
 # Ray workers cannot import a pytest module by name, so the two-rank loop travels by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])

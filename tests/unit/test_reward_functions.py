@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from mapo_ray.config import ConfigError, RewardConfig, load_config
+from mapo_ray.job import check_names
 from mapo_ray.reward import (
     FAILURE_KINDS,
     REWARD_FUNCTIONS,
@@ -98,8 +99,9 @@ def test_a_wrong_import_path_is_a_config_error_naming_it(user_package, function,
     ],
 )
 def test_reward_config_errors(override, message):
+    # The function's name is checked by check_names, the rest by load_config (a job runs both).
     with pytest.raises(ConfigError, match=message):
-        load_config(overrides=[override])
+        check_names(load_config(overrides=[override]))
 
 
 def test_reward_config_defaults():

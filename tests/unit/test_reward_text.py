@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from mapo_ray.reward.text import has_think_box_format, last_boxed, text_after_think, truncate
 
-# The definition of the format, as a regex; the linear check must agree with it.
+# The format's definition (has_think_box_format's docstring), as a regex; the linear check must agree with it.
 FORMAT_REGEX = re.compile(r"<think>.*</think>.*\\boxed\{.*\}.*", re.DOTALL)
 
 FRAGMENTS = ["<think>", "</think>", "\\boxed{", "\\boxed {", "{", "}", "\\{", "\\}", "\\\\", "a", " ", "\n", "<", "/"]

@@ -8,7 +8,8 @@ from PIL import Image
 
 from mapo_ray.data.prompts import render_prompt
 from mapo_ray.models import prepare_inputs, tiny_text_path, tiny_vl_path
-from mapo_ray.rollout import HFEngine, Prompt, SamplingParams, token_logprobs
+from mapo_ray.rollout import HFEngine, token_logprobs
+from mapo_ray.types import Prompt, SamplingParams
 
 
 @pytest.fixture(scope="module")

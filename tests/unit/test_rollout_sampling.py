@@ -11,12 +11,12 @@ from transformers import AutoTokenizer, TemperatureLogitsWarper, TopPLogitsWarpe
 from mapo_ray.models import tiny_text_path
 from mapo_ray.rollout import (
     behaviour_logits,
-    derive_seed,
     response_end,
     sampling_logits,
     token_logprobs,
     vllm_logprobs_mode,
 )
+from mapo_ray.types import derive_seed
 
 
 @pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (0.7, 0.9), (1.3, 0.5), (1.0, 0.99), (0.5, 0.95)])

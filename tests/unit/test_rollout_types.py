@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from mapo_ray.config import ConfigError, RolloutConfig, load_config
-from mapo_ray.rollout import Prompt, SamplingParams, pil_image, prompts_from_batch, sampling_params
+from mapo_ray.rollout import sampling_params
+from mapo_ray.types import Prompt, SamplingParams, pil_image, prompts_from_batch
 
 
 @pytest.mark.parametrize(

@@ -7,10 +7,10 @@ import torch
 
 from mapo_ray.algo import compute_advantages, group_stats
 from mapo_ray.config import AlgoConfig, ConfigError, load_config
-from mapo_ray.loop import accuracy, keep_informative, succeeded, to_experiences
+from mapo_ray.coordinator import Generated, accuracy, deal, experiences_of, keep_informative, succeeded
 from mapo_ray.reward import GroupResult
 from mapo_ray.reward.label import score_label
-from mapo_ray.rollout import Group, Prompt, Sample
+from mapo_ray.types import Group, GroupPayload, GroupSummary, Sample
 
 LABELS = ("red", "blue")
 # Right answer, broken format (0.9) three times, then right answer in the format (1.0).
@@ -76,17 +76,19 @@ def test_the_accuracy_metric_is_the_answers_whatever_the_success_definition():
 @pytest.mark.parametrize("definition, kept", [("full_marks", ["q0"]), ("accuracy", [])])
 def test_dapo_filter_follows_the_definition(definition, kept):
     results = [graded(RESPONSES), graded(["blue", "<think>a</think> \\boxed{blue}"], uid="q1")]
-    groups = [group_of(r) for r in results]
-    algo = AlgoConfig(success=definition)
-    kept_groups, kept_results = keep_informative(groups, results, algo)
-    assert [g.uid for g in kept_groups] == kept == [r.uid for r in kept_results]
+    kept_indices = keep_informative(results, AlgoConfig(success=definition))
+    assert [results[i].uid for i in kept_indices] == kept
 
 
 def test_experiences_carry_the_configured_success():
     result = graded(RESPONSES)
-    prompts = {"q0": Prompt(uid="q0", text="?", images=(), answer="red")}
+    group = group_of(result)
+    # The coordinator only passes the object references on; strings stand in for them here.
+    generated = [Generated(GroupSummary.of(group), request="request-ref", payload="payload-ref")]
     for definition, expected in (("full_marks", [False, False, False, True]), ("accuracy", [True] * 4)):
-        batch = to_experiences([group_of(result)], [result], prompts, AlgoConfig(success=definition))
+        (shard,) = deal(3, generated, [result], AlgoConfig(success=definition), world_size=1)
+        assert shard.payloads == ["payload-ref"] and shard.group_ids == [0] and shard.successes == [expected]
+        batch = experiences_of([GroupPayload(group, ())], shard.group_ids, shard.rewards, shard.successes)
         assert [e.success for e in batch] == expected
         assert [e.reward for e in batch] == pytest.approx([0.9, 0.9, 0.9, 1.0])
 

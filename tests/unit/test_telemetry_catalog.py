@@ -9,7 +9,7 @@ from mapo_ray.data.errors import SKIP_REASONS
 from mapo_ray.reward import failure_metrics
 from mapo_ray.telemetry.catalog import PROMETHEUS_NAME, RAY_METRICS, RUN_TAG, route
 
-# The keys the training loop reports besides the families checked below (issue 5).
+# The keys the training loop reports besides the families checked below.
 LOOP_KEYS = [
     "step",
     "weight_version",

@@ -1,7 +1,11 @@
-"""What goes into a rollout engine and what comes out: small frozen dataclasses, no Ray.
+"""The plain dataclasses that the learner, rollout and reward packages share: no Ray, no torch.
 
-A batch of B ``Prompt`` and one ``SamplingParams`` with ``n = G`` give B ``Group``,
-each holding the G ``Sample`` of its prompt in sampling order.
+What goes into a rollout engine and what comes out. A batch of B ``Prompt`` and one
+``SamplingParams`` with ``n = G`` give B ``Group``, each holding the G ``Sample`` of its
+prompt in sampling order; a rollout actor leaves each group in the object store as a
+``GroupPayload`` and hands back only its ``GroupSummary``. ``derive_seed`` gives the per-prompt seed of a batch seed (the
+engines sample with it, the learner seeds with it). This module imports nothing else
+from ``mapo_ray``, so any package may import it.
 """
 
 from __future__ import annotations
@@ -104,6 +108,47 @@ class Group:
     samples: list[Sample]
 
 
+@dataclass(frozen=True)
+class GroupSummary:
+    """The few numbers the coordinator reads of one generated group; the tokens stay in the object store.
+
+    ``response_lengths``, ``finish_reasons`` and ``weight_versions`` are per sample, in sampling order.
+    """
+
+    uid: str
+    prompt_length: int
+    response_lengths: list[int]
+    finish_reasons: list[FinishReason]
+    weight_versions: list[int]
+
+    @property
+    def size(self) -> int:
+        return len(self.response_lengths)
+
+    @property
+    def tokens(self) -> int:
+        """Prompt plus response tokens over the group's samples: what the learner will process."""
+        return sum(self.prompt_length + n for n in self.response_lengths)
+
+    @classmethod
+    def of(cls, group: Group) -> GroupSummary:
+        return cls(
+            uid=group.uid,
+            prompt_length=len(group.samples[0].prompt_ids) if group.samples else 0,
+            response_lengths=[len(s.response_ids) for s in group.samples],
+            finish_reasons=[s.finish_reason for s in group.samples],
+            weight_versions=[s.weight_version for s in group.samples],
+        )
+
+
+@dataclass(frozen=True)
+class GroupPayload:
+    """One group as the learner needs it: its samples and its prompt's images."""
+
+    group: Group
+    images: tuple[Image.Image | np.ndarray, ...]
+
+
 def pil_image(image: Image.Image | np.ndarray, where: str) -> Image.Image:
     """``image`` as an RGB PIL image; ``where`` names it in the error for anything else."""
     if isinstance(image, Image.Image):
@@ -128,3 +173,12 @@ def prompts_from_batch(batch: Mapping[str, Any]) -> list[Prompt]:
 def count_tokens(groups: Sequence[Group]) -> int:
     """Response tokens generated in ``groups``."""
     return sum(len(s.response_ids) for g in groups for s in g.samples)
+
+
+def derive_seed(seed: int, index: int) -> int:
+    """A 32-bit seed for prompt ``index`` of a batch sampled with ``seed``.
+
+    Hashing (rather than ``seed + index``) keeps neighbouring batch seeds from sharing
+    prompt seeds; vLLM adds the sample index to it for each of the G samples.
+    """
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
