@@ -53,10 +53,11 @@ does while a real step generates and trains (generation takes minutes). Reported
   to the actors, the groups received, the reward requests sent and results received,
   and the broadcast batch once per other rank. New: every object rank 0 gets with
   ``ray.get``, puts with ``ray.put`` and passes as an argument to a remote call in
-  the step (summaries, reward results, shard messages), the object refs counted as
-  their own small pickles, plus its own shard;
+  the step (summaries, reward results, shard messages; an object ref counts as its own
+  small pickle), by the remote method that made or takes it;
 - own shard MB: rank 0's shard of experiences (pickled), reported apart since every
-  rank receives its shard alike (in the previous design rank 0 already holds it);
+  rank receives its shard alike (in the previous design rank 0 already holds it; in
+  the new one it fetches it from the object store);
 - peak MB: rank 0's peak resident memory in the step over its resident memory before
   (the peak is reset with ``/proc/self/clear_refs`` and read as ``VmHWM``).
 
@@ -70,8 +71,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
-import inspect
 import io
 import json
 import os
@@ -81,7 +80,7 @@ import socket
 import statistics
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,15 +95,17 @@ from PIL import Image, ImageDraw
 
 from mapo_ray.algo import compute_advantages
 from mapo_ray.config import AlgoConfig, Config, RolloutConfig, load_config
+from mapo_ray.coordinator import RankChannel, RolloutCoordinator
 from mapo_ray.data.pipeline import PromptBatches, open_split, prompt_dataset
-from mapo_ray.learner import Experience, shard_by_group
+from mapo_ray.learner import Experience, batch_advantages, shard_by_group
 from mapo_ray.models.tiny import tiny_vl_path
 from mapo_ray.reward import GroupRequest, GroupResult
 from mapo_ray.reward.pool import RewardPool
-from mapo_ray.rollout import Group, Prompt, Sample, SamplingParams, prompts_from_batch
-from mapo_ray.rollout.actor import RolloutError, gather
+from mapo_ray.rollout.actor import RolloutError, create_rollout_actors, gather
 from mapo_ray.rollout.engine import sampling_params
-from mapo_ray.rollout.sampling import derive_seed
+from mapo_ray.sync import GroupAddress, SyncPlan, WeightReceiver
+from mapo_ray.telemetry.ledger import PromptLedger
+from mapo_ray.types import Group, Prompt, Sample, SamplingParams, derive_seed, prompts_from_batch
 
 SIZES = (64, 128, 256, 512)
 QUICK_SIZES = (8, 16)
@@ -170,6 +171,8 @@ def bench_config(data: Path, prompts: int, group_size: int, rollout_actors: int)
             f"rollout.num_actors={rollout_actors}",
             "rollout.max_restarts=0",
             "sync.enabled=false",
+            "sft.steps=0",
+            "trainer.eval_every=0",
         ],
     )
 
@@ -190,6 +193,8 @@ class ReplayEngine:
 
     def __init__(self, cfg: RolloutConfig, model_path: str, seed: int = 0) -> None:
         from transformers import AutoTokenizer
+
+        self._receiver: WeightReceiver | None = None
 
         self._tokenizer = AutoTokenizer.from_pretrained(model_path)
         self._image_pad = self._tokenizer.convert_tokens_to_ids("<|image_pad|>")
@@ -237,10 +242,11 @@ class ReplayEngine:
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         raise NotImplementedError("ReplayEngine replays fixed sequences; the benchmark runs with sync off")
 
-    def join_weight_sync(self, address: Any, first_rank: int) -> None:
-        raise NotImplementedError("ReplayEngine replays fixed sequences; the benchmark runs with sync off")
+    def join_weight_sync(self, address: GroupAddress, first_rank: int) -> None:
+        # The coordinator forms the weight-sync group even with sync off; no update ever comes.
+        self._receiver = WeightReceiver.join(address, first_rank, torch.device("cpu"))
 
-    def receive_weights(self, plan: Any) -> int:
+    def receive_weights(self, plan: SyncPlan) -> int:
         raise NotImplementedError("ReplayEngine replays fixed sequences; the benchmark runs with sync off")
 
 
@@ -255,28 +261,7 @@ def _height_width(image: Any) -> tuple[int, int]:
 
 def create_replay_actors(cfg: RolloutConfig, model_path: str) -> dict[str, Any]:
     """The real rollout actors, each around a ``ReplayEngine``."""
-    from mapo_ray.rollout import actor as actor_module
-
-    if "engine_factory" in inspect.signature(actor_module.create_rollout_actors).parameters:
-        return actor_module.create_rollout_actors(cfg, model_path, engine_factory=replay_engine)
-    # Before RolloutActor took an engine_factory: the same actor, its make_engine swapped for construction.
-    base = actor_module.RolloutActor.__ray_actor_class__
-
-    class ReplayRolloutActor(base):  # type: ignore[misc, valid-type]
-        def __init__(self, name: str, cfg: RolloutConfig, model_path: str, seed: int = 0) -> None:
-            scope = base.__init__.__globals__  # where RolloutActor.__init__ looks make_engine up
-            real, scope["make_engine"] = scope["make_engine"], replay_engine
-            try:
-                super().__init__(name, cfg, model_path, seed)
-            finally:
-                scope["make_engine"] = real
-            assert isinstance(self._engine, ReplayEngine)
-
-    remote = ray.remote(ReplayRolloutActor)
-    return {
-        f"rollout-{i}": remote.options(num_cpus=cfg.num_cpus_per_actor).remote(f"rollout-{i}", cfg, model_path, i)
-        for i in range(cfg.num_actors)
-    }
+    return create_rollout_actors(cfg, model_path, engine_factory=replay_engine, prefix="replay")
 
 
 # ------------------------------------------------------------------------- measuring
@@ -295,7 +280,11 @@ class _Counter:
 def pickled_size(obj: Any) -> int:
     """Bytes of ``pickle.dumps(obj, protocol=5)``, counted without building them."""
     counter = _Counter()
-    pickle.Pickler(counter, protocol=5).dump(obj)
+    try:
+        pickle.Pickler(counter, protocol=5).dump(obj)
+    except (pickle.PicklingError, AttributeError, TypeError):  # a function, as Ray pickles it
+        counter = _Counter()
+        ray.cloudpickle.CloudPickler(counter, protocol=5).dump(obj)
     return counter.bytes
 
 
@@ -313,6 +302,70 @@ class Traffic:
         for what, obj, times in self.items:
             out[what] = out.get(what, 0) + pickled_size(obj) * times
         return out
+
+
+class RayTraffic:
+    """While entered, records in ``traffic`` what this process sends and receives through Ray:
+    the arguments of every remote call (by method), every ``ray.put``, every object
+    ``ray.get`` returns (by the method that made it) and what rank 0 broadcasts over the
+    learners' process group (once per other rank). Only references are kept: the sizes
+    are counted later, by ``Traffic.sizes``."""
+
+    def __init__(self, traffic: Traffic, world_size: int) -> None:
+        self._traffic = traffic
+        self._world_size = world_size
+        self._made_by: dict[str, str] = {}  # object ref (hex) -> the remote method that returns it
+        self._saved: list[tuple[Any, str, Any]] = []
+
+    def __enter__(self) -> RayTraffic:
+        from ray.actor import ActorMethod
+        from ray.remote_function import RemoteFunction
+
+        traffic, made_by = self._traffic, self._made_by
+
+        def calls(owner: Any, attr: str, name_of: Callable[[Any], str]) -> None:
+            real = getattr(owner, attr)
+
+            def wrapper(method: Any, args: Any = None, kwargs: Any = None, *rest: Any, **options: Any) -> Any:
+                name = name_of(method)
+                traffic.add(f"sent: {name} arguments", (args or (), kwargs or {}))
+                out = real(method, args, kwargs, *rest, **options)
+                for ref in out if isinstance(out, list) else [out]:
+                    if isinstance(ref, ray.ObjectRef):
+                        made_by[ref.hex()] = name
+                return out
+
+            self._saved.append((owner, attr, real))
+            setattr(owner, attr, wrapper)
+
+        calls(ActorMethod, "_remote", lambda m: m._method_name)
+        calls(RemoteFunction, "_remote", lambda f: f._function_name)
+        real_get, real_put, real_broadcast = ray.get, ray.put, dist.broadcast_object_list
+
+        def get(refs: Any, *args: Any, **kwargs: Any) -> Any:
+            values = real_get(refs, *args, **kwargs)
+            for ref, value in zip(refs, values) if isinstance(refs, list) else [(refs, values)]:
+                traffic.add(f"received: {made_by.get(ref.hex(), 'other')}", value)
+            return values
+
+        def put(value: Any, *args: Any, **kwargs: Any) -> Any:
+            traffic.add("sent: ray.put", value)
+            return real_put(value, *args, **kwargs)
+
+        def broadcast(objects: list[Any], src: int = 0, *args: Any, **kwargs: Any) -> None:
+            if dist.get_rank() == src:
+                traffic.add("sent: broadcast to the other ranks", list(objects), times=self._world_size - 1)
+            return real_broadcast(objects, src, *args, **kwargs)
+
+        for owner, attr, new in ((ray, "get", get), (ray, "put", put), (dist, "broadcast_object_list", broadcast)):
+            self._saved.append((owner, attr, getattr(owner, attr)))
+            setattr(owner, attr, new)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for owner, attr, real in reversed(self._saved):
+            setattr(owner, attr, real)
+        self._saved.clear()
 
 
 def _status_kb(name: str) -> int:
@@ -439,19 +492,23 @@ def whole_batch_advantages(batch: Sequence[Experience], config: Config, step: in
 
 
 class PreviousRank0:
-    """Rank 0's rollout side in the previous loop: prompts, rollouts, rewards, experiences."""
+    """Rank 0's rollout side in the previous loop: prompts, rollouts, rewards, ledger, experiences."""
 
-    def __init__(self, config: Config, actors: Mapping[str, Any], rewards: RewardPool, model_path: str) -> None:
+    def __init__(
+        self, config: Config, actors: Mapping[str, Any], rewards: RewardPool, model_path: str, run_dir: Path
+    ) -> None:
         self.config = config
         self.actors = dict(actors)
         self.rewards = rewards
         self.stream = PromptStream(config, model_path, DataPosition())
+        self.ledger = PromptLedger(run_dir, 0)
 
     def rollout_batch(self, step: int, traffic: Traffic) -> list[Experience]:
+        """``mapo_ray.loop.rollout_batch`` before the coordinator, on-policy, no actor lost."""
         config, algo = self.config, self.config.algo
         # _launch_next
         params = sampling_params(config.rollout, derive_seed(derive_seed(config.seed, _TRAIN_SEED), step * 1000))
-        prompts, _epochs = self.stream.take_with_epochs(config.trainer.prompts_per_step)
+        prompts, epochs = self.stream.take_with_epochs(config.trainer.prompts_per_step)
         traffic.add("prompts pulled from Ray Data", prompts)
         # launch
         names = list(self.actors)
@@ -461,24 +518,29 @@ class PreviousRank0:
         refs = {self.actors[name].generate.remote(part, params): name for name, part in shares.items()}
         for part in shares.values():
             traffic.add("prompts sent to rollout actors", (part, params))
-        # finish (no actor is lost here)
+        # finish
         results_by_actor, lost = gather(refs, f"rollout of {len(prompts)} prompts", config.rollout.call_timeout_s)
         if lost:
             raise RolloutError(f"rollout actors lost: {lost}")
         groups = [g for name in shares for g in results_by_actor[name]]
         for name in shares:
             traffic.add("groups received", results_by_actor[name])
+        scored = list(zip((p.uid for p in prompts), epochs))
         # score
         requests = [GroupRequest(g.uid, g.answer, [s.response_text for s in g.samples]) for g in groups]
         results = self.rewards.score(requests)
         traffic.add("reward requests sent", requests)
         traffic.add("reward results received", results)
         rollout_metrics(groups, results, algo)
+        self.ledger.record(step, scored)
         batch = to_experiences(groups, results, {p.uid: p for p in prompts}, algo)
-        ages = [0 - e.weight_version for e in batch]  # staleness_metrics
+        ages = [0 - e.weight_version for e in batch]  # staleness_metrics (sync off: version 0)
         if max(ages) > 0:
             raise RuntimeError(f"step {step}: a sample is {max(ages)} weight versions old")
         return batch
+
+    def close(self) -> None:
+        self.ledger.close()
 
 
 # ------------------------------------------------------------------------- the learner ranks
@@ -491,11 +553,16 @@ class LearnerRank:
     def __init__(self, rank: int, world_size: int) -> None:
         self.rank = rank
         self.world_size = world_size
-        self._previous: PreviousRank0 | None = None
         self._config: Config | None = None
+        self._previous: PreviousRank0 | None = None
+        self._channel: RankChannel | None = None
+        self._coordinator: RolloutCoordinator | None = None
         import ray.data
 
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        # As the previous loop set rank 0's (the coordinator's PromptReader sets its own alike).
+        context = ray.data.DataContext.get_current()
+        context.execution_options.preserve_order = True
+        context.enable_progress_bars = False
 
     def free_port(self) -> int:
         with socket.socket() as sock:
@@ -503,22 +570,37 @@ class LearnerRank:
             return sock.getsockname()[1]
 
     def join(self, port: int) -> None:
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=self.rank, world_size=self.world_size
-        )
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=self.rank, world_size=self.world_size)
 
-    def open(self, design: str, config: Config, actors: Mapping[str, Any], rewards: RewardPool, model_path: str) -> None:
-        """Rank 0 sets up ``design``'s rollout side for ``config``; the other ranks only keep ``config``."""
+    def open(
+        self, design: str, config: Config, actors: Mapping[str, Any], rewards: RewardPool, model_path: str, run_dir: str
+    ) -> None:
+        """Set up ``design`` for ``config`` (collective): rank 0 its rollout side, every rank its channel."""
         self._config = config
-        if self.rank == 0 and design == "previous":
-            self._previous = PreviousRank0(config, actors, rewards, model_path)
+        if design == "previous":
+            if self.rank == 0:
+                self._previous = PreviousRank0(config, actors, rewards, model_path, Path(run_dir))
+            return
+        self._channel = RankChannel(self.rank, self.world_size, on_sync=lambda: None, timeout_s=config.rollout.call_timeout_s)
+        if self.rank == 0:
+            # It starts its own reward pool (the same config) and prompt reader.
+            self._coordinator = RolloutCoordinator(
+                config, actors=actors, model_path=model_path, run_dir=run_dir, channel=self._channel, policy=lambda: None
+            )
 
     def close(self) -> None:
-        self._previous = None
+        if self._previous is not None:
+            self._previous.close()
+        if self._coordinator is not None:
+            self._coordinator.close()  # its channel too
+        elif self._channel is not None:
+            self._channel.close()
+        self._previous = self._coordinator = self._channel = None
         gc.collect()
 
     def step_previous(self, step: int) -> dict[str, Any]:
-        """One step of the previous design; times, rank 0's memory and traffic."""
+        """One step of the previous design: rank 0 gathers the batch and broadcasts it whole;
+        every rank computes the whole batch's advantages and takes its shard."""
         config = self._config
         assert config is not None
         traffic = Traffic()
@@ -533,16 +615,43 @@ class LearnerRank:
         mine = shards[self.rank]
         shard, shard_advantages = [batch[i] for i in mine], advantages[mine]
         end = time.time()
-        out: dict[str, Any] = {"start": start, "end": end, "samples": len(shard_advantages)}
+        traffic.add("broadcast batch", batch, times=self.world_size - 1)
+        return self._report(start, end, before, shard, shard_advantages, traffic)
+
+    def step_new(self, step: int) -> dict[str, Any]:
+        """One step of the new design: rank 0's coordinator deals the batch and posts the shards;
+        every rank fetches its own groups and computes their advantages."""
+        config = self._config
+        assert config is not None and self._channel is not None
+        traffic = Traffic()
+        before = reset_peak()
+        start = time.time()
+        if self._coordinator is not None:
+            with RayTraffic(traffic, self.world_size):
+                shard, _metrics = self._coordinator.next_batch(step)
+        else:
+            shard = self._channel.receive_shard()
+        batch = shard.experiences(config.rollout.call_timeout_s)
+        advantages = batch_advantages(batch, config, step, torch.device("cpu"))
+        end = time.time()
+        return self._report(start, end, before, batch, advantages, traffic)
+
+    def _report(
+        self, start: float, end: float, before: int, shard: list[Experience], advantages: torch.Tensor, traffic: Traffic
+    ) -> dict[str, Any]:
+        """The step's clock times and, on rank 0, its peak memory, traffic and own shard (sized after the step)."""
+        if len(shard) != len(advantages) or not shard:
+            raise RuntimeError(f"rank {self.rank}: {len(shard)} experiences and {len(advantages)} advantages")
+        out: dict[str, Any] = {"start": start, "end": end, "samples": len(shard)}
         if self.rank == 0:
             out["peak_bytes"] = peak() - before
-            traffic.add("broadcast batch", batch, times=self.world_size - 1)
             out["traffic"] = traffic.sizes()
             out["own_shard_bytes"] = pickled_size(shard)
         return out
 
 
 def start_ranks(world_size: int, cpus: float) -> list[Any]:
+    """``world_size`` learner ranks joined in one gloo process group."""
     ranks = [LearnerRank.options(num_cpus=cpus).remote(r, world_size) for r in range(world_size)]
     port = ray.get(ranks[0].free_port.remote())
     ray.get([rank.join.remote(port) for rank in ranks])
@@ -550,30 +659,45 @@ def start_ranks(world_size: int, cpus: float) -> list[Any]:
 
 
 def run_design(
-    design: str, ranks: list[Any], config: Config, actors: Mapping[str, Any], rewards: RewardPool, model_path: str,
-    repeats: int, settle_s: float,
+    design: str,
+    ranks: list[Any],
+    config: Config,
+    actors: Mapping[str, Any],
+    rewards: RewardPool,
+    model_path: str,
+    run_dir: Path,
+    repeats: int,
+    settle_s: float,
 ) -> dict[str, Any]:
-    """Warm-up and ``repeats`` timed steps of ``design``; the median step and rank 0's numbers of that step."""
-    ray.get([rank.open.remote(design, config, actors, rewards, model_path) for rank in ranks])
+    """A warm-up step and ``repeats`` timed steps of ``design``: the median seconds, and rank 0's
+    traffic and own shard of the median step and its largest peak over the timed steps."""
+    run_dir.mkdir(parents=True)
+    ray.get([rank.open.remote(design, config, actors, rewards, model_path, str(run_dir)) for rank in ranks])
     steps = []
     try:
         for step in range(1, repeats + 2):
             time.sleep(settle_s)
             outs = ray.get([getattr(rank, f"step_{design}").remote(step) for rank in ranks])
-            seconds = max(o["end"] for o in outs) - outs[0]["start"]
+            samples = sum(o["samples"] for o in outs)
+            if samples != config.trainer.prompts_per_step * config.rollout.group_size:
+                raise RuntimeError(f"{design} step {step}: the ranks hold {samples} samples in all")
             if step > 1:  # step 1 warms up
-                steps.append({"seconds": seconds, **outs[0]})
+                steps.append({"seconds": max(o["end"] for o in outs) - outs[0]["start"], **outs[0]})
     finally:
         ray.get([rank.close.remote() for rank in ranks])
     median = sorted(steps, key=lambda s: s["seconds"])[len(steps) // 2]
-    traffic = median["traffic"]
     return {
         "seconds": statistics.median(s["seconds"] for s in steps),
-        "rank0_bytes": sum(traffic.values()),
+        "rank0_bytes": sum(median["traffic"].values()),
         "own_shard_bytes": median["own_shard_bytes"],
         "peak_bytes": max(s["peak_bytes"] for s in steps),
-        "traffic": traffic,
+        "traffic": median["traffic"],
     }
+
+
+def _mb(n: int) -> str:
+    """``n`` bytes in MB, with the decimals its size needs."""
+    return f"{n / MB:.0f}" if n >= 10 * MB else f"{n / MB:.2f}" if n >= 0.1 * MB else f"{n / MB:.4f}"
 
 
 def main() -> None:
@@ -590,8 +714,6 @@ def main() -> None:
     args = parser.parse_args()
     sizes = list(QUICK_SIZES) if args.quick else [int(s) for s in args.sizes.split(",")]
     designs = DESIGNS if args.design == "both" else (args.design,)
-    if "new" in designs and importlib.util.find_spec("mapo_ray.coordinator") is None:
-        parser.error("the new design (mapo_ray.coordinator) is not in this checkout; run with --design previous")
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local run: no dashboard token
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
@@ -616,11 +738,14 @@ def main() -> None:
                 settle = args.settle if args.settle is not None else max(2.0, 0.03 * size)
                 results[size] = {}
                 for design in designs:
-                    result = run_design(design, ranks, config, actors, rewards, model_path, args.repeats, settle)
+                    run_dir = Path(tmp) / f"{size}-{design}"
+                    result = run_design(
+                        design, ranks, config, actors, rewards, model_path, run_dir, args.repeats, settle
+                    )
                     results[size][design] = result
                     print(
                         f"  {size} x {args.group_size} {design}: {result['seconds']:.2f} s, "
-                        f"rank 0 {result['rank0_bytes'] / MB:.0f} MB, peak +{result['peak_bytes'] / MB:.0f} MB",
+                        f"rank 0 {_mb(result['rank0_bytes'])} MB, peak +{result['peak_bytes'] / MB:.0f} MB",
                         flush=True,
                     )
         finally:
@@ -635,12 +760,12 @@ def main() -> None:
     for size, by_design in results.items():
         for design, r in by_design.items():
             print(
-                f"{size:>8} {design:<9} {r['seconds']:>8.2f} {r['rank0_bytes'] / MB:>10.1f} "
-                f"{r['own_shard_bytes'] / MB:>13.1f} {r['peak_bytes'] / MB:>8.0f}"
+                f"{size:>8} {design:<9} {r['seconds']:>8.2f} {_mb(r['rank0_bytes']):>10} "
+                f"{_mb(r['own_shard_bytes']):>13} {r['peak_bytes'] / MB:>8.0f}"
             )
     for size, by_design in results.items():
         for design, r in by_design.items():
-            parts = ", ".join(f"{what} {n / MB:.1f}" for what, n in r["traffic"].items())
+            parts = ", ".join(f"{what} {_mb(n)}" for what, n in r["traffic"].items())
             print(f"  rank-0 MB at {size}, {design}: {parts}")
     largest = results[max(results)]
     both = all(d in largest for d in DESIGNS)
