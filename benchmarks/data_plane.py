@@ -30,17 +30,24 @@ the model at nearly full size (up to 1,280 vision tokens). The file holds
 
 The two designs:
 
-- previous: a replica of ``mapo_ray/loop.py`` before the coordinator (the same calls,
+- previous: a replica of ``mapo_ray/loop.py`` before the coordinator (227d73c; the same calls,
   copied here so that it survives the loop's change): rank 0 pulls the prompts from
   Ray Data (``PromptStream``) into its heap, sends them to the rollout actors
   (``generate.remote``), gets the groups back, builds ``GroupRequest``s for
   ``RewardPool.score``, builds the ``Experience``s, ``dist.broadcast_object_list``s
   the whole batch to every rank, and each rank computes the advantages of the whole
   batch and takes its shard (``shard_by_group``);
-- new: ``mapo_ray.coordinator.RolloutCoordinator`` on rank 0 (prompts go from Ray Data
-  into a ``PromptReader`` actor and from the object store into the rollout actors;
-  rank 0 sees small summaries and reward results and posts each rank its shard), each
-  rank fetching its own groups from the object store and computing their advantages.
+- new: ``mapo_ray.coordinator.RolloutCoordinator`` on rank 0, as ``mapo_ray/loop.py``
+  drives it: prompts go from Ray Data into a ``PromptReader`` actor and from the object
+  store into the rollout actors (``RolloutActor.rollout``), the reward actors read the
+  responses from the object store, rank 0 reads small summaries and the rewards, deals
+  the groups and posts each other rank its ``Shard`` (a ``ShardBox`` actor and a
+  one-line message on the ``RankChannel``); each rank fetches its own groups
+  (``Shard.experiences``) and computes their advantages (``batch_advantages``).
+
+The previous design grades with a ``RewardPool`` made by the driver, as the job driver
+made it then; the coordinator makes its own, of the same config. Both are set up
+before the warm-up step, as a run sets them up before its first.
 
 Per size and design: one untimed warm-up step, then ``--repeats`` timed steps, each
 after ``--settle`` seconds of idling, in which Ray Data prepares the next batch as it
@@ -58,8 +65,10 @@ does while a real step generates and trains (generation takes minutes). Reported
 - own shard MB: rank 0's shard of experiences (pickled), reported apart since every
   rank receives its shard alike (in the previous design rank 0 already holds it; in
   the new one it fetches it from the object store);
-- peak MB: rank 0's peak resident memory in the step over its resident memory before
-  (the peak is reset with ``/proc/self/clear_refs`` and read as ``VmHWM``).
+- peak +MB: rank 0's peak resident memory in the step over its resident memory before
+  (the peak is reset with ``/proc/self/clear_refs`` and read as ``VmHWM``). The images
+  of a shard fetched from the object store are shared-memory pages (Ray's zero-copy
+  numpy), resident only once read: the update would read them, this step does not.
 
 Byte counts are taken after each step, from the objects kept aside, so counting costs
 neither time nor peak memory. Prints a table and ends with one JSON line:
@@ -118,7 +127,7 @@ MAX_PIXELS = 1280 * 28 * 28
 QWEN_TEXT_TOKENS = 151_643  # Qwen2.5-VL's text vocabulary: response token ids are drawn from it
 QWEN_IMAGE_PAD = 151_655  # its <|image_pad|> id
 CHARS_PER_TOKEN = 4
-_TRAIN_SEED = 1  # mapo_ray.loop's salt of the training seed stream
+_TRAIN_SEED = 1  # the loop's (now the coordinator's) salt of the training seed stream
 MB = 1e6
 
 
@@ -756,12 +765,12 @@ def main() -> None:
         f"{WORLD_SIZE} learner ranks, {args.rollout_actors} rollout actors, {args.group_size} rollouts per prompt, "
         f"responses 1..2048 tokens, figures {MIN_SIDE}..{MAX_SIDE} px, {os.cpu_count()} CPUs; median of {args.repeats}"
     )
-    print(f"{'prompts':>8} {'design':<9} {'s/step':>8} {'rank-0 MB':>10} {'own shard MB':>13} {'peak MB':>8}")
+    print(f"{'prompts':>8} {'design':<9} {'s/step':>8} {'rank-0 MB':>10} {'own shard MB':>13} {'peak +MB':>9}")
     for size, by_design in results.items():
         for design, r in by_design.items():
             print(
                 f"{size:>8} {design:<9} {r['seconds']:>8.2f} {_mb(r['rank0_bytes']):>10} "
-                f"{_mb(r['own_shard_bytes']):>13} {r['peak_bytes'] / MB:>8.0f}"
+                f"{_mb(r['own_shard_bytes']):>13} {r['peak_bytes'] / MB:>9.0f}"
             )
     for size, by_design in results.items():
         for design, r in by_design.items():
