@@ -53,8 +53,11 @@ Per size and design: one untimed warm-up step, then ``--repeats`` timed steps, e
 after ``--settle`` seconds of idling, in which Ray Data prepares the next batch as it
 does while a real step generates and trains (generation takes minutes). Reported:
 
-- seconds per step (median): rank 0's clock at "prompts wanted" to the later of the two
-  ranks' clocks once its shard and advantages are in hand (one machine, one clock);
+- s/step (median): rank 0's clock at "prompts wanted" to the later of the two ranks'
+  clocks once its shard and advantages are in hand (one machine, one clock);
+- grading s: of that, the reward pool's grading (``RewardPool.score``, which the
+  coordinator times as ``time/reward_s``): the same work in both designs, and not the
+  data plane; data s is s/step less grading s, the data plane's own cost;
 - rank-0 MB: the pickled size of what learner rank 0's process receives and sends to
   orchestrate the step. Previous: the prompts pulled from Ray Data, the prompts sent
   to the actors, the groups received, the reward requests sent and results received,
@@ -72,8 +75,9 @@ does while a real step generates and trains (generation takes minutes). Reported
 
 Byte counts are taken after each step, from the objects kept aside, so counting costs
 neither time nor peak memory. Prints a table and ends with one JSON line:
-``speedup`` (previous / new seconds at the largest size), ``rank0_bytes_ratio``
-(new / previous rank-0 bytes there) and the numbers of every size.
+``speedup`` (previous / new data seconds at the largest size; ``speedup_with_grading``
+the same with the grading left in), ``rank0_bytes_ratio`` (new / previous rank-0 bytes
+there) and the numbers of every size.
 """
 
 from __future__ import annotations
@@ -511,6 +515,7 @@ class PreviousRank0:
         self.rewards = rewards
         self.stream = PromptStream(config, model_path, DataPosition())
         self.ledger = PromptLedger(run_dir, 0)
+        self.grade_s = 0.0  # the last step's grading, the same work in both designs
 
     def rollout_batch(self, step: int, traffic: Traffic) -> list[Experience]:
         """``mapo_ray.loop.rollout_batch`` before the coordinator, on-policy, no actor lost."""
@@ -537,7 +542,9 @@ class PreviousRank0:
         scored = list(zip((p.uid for p in prompts), epochs))
         # score
         requests = [GroupRequest(g.uid, g.answer, [s.response_text for s in g.samples]) for g in groups]
+        grade_start = time.perf_counter()
         results = self.rewards.score(requests)
+        self.grade_s = time.perf_counter() - grade_start
         traffic.add("reward requests sent", requests)
         traffic.add("reward results received", results)
         rollout_metrics(groups, results, algo)
@@ -625,7 +632,8 @@ class LearnerRank:
         shard, shard_advantages = [batch[i] for i in mine], advantages[mine]
         end = time.time()
         traffic.add("broadcast batch", batch, times=self.world_size - 1)
-        return self._report(start, end, before, shard, shard_advantages, traffic)
+        grade_s = self._previous.grade_s if self._previous else 0.0
+        return self._report(start, end, before, shard, shard_advantages, traffic, grade_s)
 
     def step_new(self, step: int) -> dict[str, Any]:
         """One step of the new design: rank 0's coordinator deals the batch and posts the shards;
@@ -635,24 +643,34 @@ class LearnerRank:
         traffic = Traffic()
         before = reset_peak()
         start = time.time()
+        grade_s = 0.0
         if self._coordinator is not None:
             with RayTraffic(traffic, self.world_size):
-                shard, _metrics = self._coordinator.next_batch(step)
+                shard, metrics = self._coordinator.next_batch(step)
+            grade_s = metrics["time/reward_s"]
         else:
             shard = self._channel.receive_shard()
         batch = shard.experiences(config.rollout.call_timeout_s)
         advantages = batch_advantages(batch, config, step, torch.device("cpu"))
         end = time.time()
-        return self._report(start, end, before, batch, advantages, traffic)
+        return self._report(start, end, before, batch, advantages, traffic, grade_s)
 
     def _report(
-        self, start: float, end: float, before: int, shard: list[Experience], advantages: torch.Tensor, traffic: Traffic
+        self,
+        start: float,
+        end: float,
+        before: int,
+        shard: list[Experience],
+        advantages: torch.Tensor,
+        traffic: Traffic,
+        grade_s: float,
     ) -> dict[str, Any]:
         """The step's clock times and, on rank 0, its peak memory, traffic and own shard (sized after the step)."""
         if len(shard) != len(advantages) or not shard:
             raise RuntimeError(f"rank {self.rank}: {len(shard)} experiences and {len(advantages)} advantages")
         out: dict[str, Any] = {"start": start, "end": end, "samples": len(shard)}
         if self.rank == 0:
+            out["grade_s"] = grade_s
             out["peak_bytes"] = peak() - before
             out["traffic"] = traffic.sizes()
             out["own_shard_bytes"] = pickled_size(shard)
@@ -697,6 +715,8 @@ def run_design(
     median = sorted(steps, key=lambda s: s["seconds"])[len(steps) // 2]
     return {
         "seconds": statistics.median(s["seconds"] for s in steps),
+        "grade_s": statistics.median(s["grade_s"] for s in steps),
+        "data_s": statistics.median(s["seconds"] - s["grade_s"] for s in steps),
         "rank0_bytes": sum(median["traffic"].values()),
         "own_shard_bytes": median["own_shard_bytes"],
         "peak_bytes": max(s["peak_bytes"] for s in steps),
@@ -765,12 +785,15 @@ def main() -> None:
         f"{WORLD_SIZE} learner ranks, {args.rollout_actors} rollout actors, {args.group_size} rollouts per prompt, "
         f"responses 1..2048 tokens, figures {MIN_SIDE}..{MAX_SIDE} px, {os.cpu_count()} CPUs; median of {args.repeats}"
     )
-    print(f"{'prompts':>8} {'design':<9} {'s/step':>8} {'rank-0 MB':>10} {'own shard MB':>13} {'peak +MB':>9}")
+    print(
+        f"{'prompts':>8} {'design':<9} {'s/step':>8} {'grading s':>10} {'data s':>8} {'rank-0 MB':>10} "
+        f"{'own shard MB':>13} {'peak +MB':>9}"
+    )
     for size, by_design in results.items():
         for design, r in by_design.items():
             print(
-                f"{size:>8} {design:<9} {r['seconds']:>8.2f} {_mb(r['rank0_bytes']):>10} "
-                f"{_mb(r['own_shard_bytes']):>13} {r['peak_bytes'] / MB:>9.0f}"
+                f"{size:>8} {design:<9} {r['seconds']:>8.2f} {r['grade_s']:>10.2f} {r['data_s']:>8.2f} "
+                f"{_mb(r['rank0_bytes']):>10} {_mb(r['own_shard_bytes']):>13} {r['peak_bytes'] / MB:>9.0f}"
             )
     for size, by_design in results.items():
         for design, r in by_design.items():
@@ -780,12 +803,15 @@ def main() -> None:
     both = all(d in largest for d in DESIGNS)
     summary = {
         "benchmark": "data_plane",
-        "speedup": largest["previous"]["seconds"] / largest["new"]["seconds"] if both else None,
+        "speedup": largest["previous"]["data_s"] / largest["new"]["data_s"] if both else None,
+        "speedup_with_grading": largest["previous"]["seconds"] / largest["new"]["seconds"] if both else None,
         "rank0_bytes_ratio": largest["new"]["rank0_bytes"] / largest["previous"]["rank0_bytes"] if both else None,
         "sizes": {
             str(size): {
                 design: {
                     "seconds": round(r["seconds"], 3),
+                    "grade_s": round(r["grade_s"], 3),
+                    "data_s": round(r["data_s"], 3),
                     "rank0_bytes": r["rank0_bytes"],
                     "own_shard_bytes": r["own_shard_bytes"],
                     "peak_bytes": r["peak_bytes"],
