@@ -416,6 +416,7 @@ class RolloutCoordinator:
         self.logger = RunLogger(run_dir, total_steps=trainer.total_steps, start_step=start_step)
         self.ledger = PromptLedger(run_dir, start_step)
         self.pending: deque[Launch] = deque()  # async mode: batches launched ahead
+        self._read_ahead: deque[tuple[ray.ObjectRef, dict[str, ray.ObjectRef], dict[str, int]]] = deque()
         self._certainty: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def next_batch(self, step: int) -> tuple[Shard, dict[str, float]]:
@@ -534,10 +535,11 @@ class RolloutCoordinator:
         return ray.get(self.reader.take_prompts.remote(n), timeout=self.config.rollout.call_timeout_s)
 
     def data_position(self) -> DataPosition:
-        """Where the next batch to train on starts: the oldest batch still in flight, or the stream."""
+        """Where the next batch to train on starts: the oldest batch in flight or read ahead, or the stream."""
         timeout = self.config.rollout.call_timeout_s
-        if self.pending:
-            taken: Taken = ray.get(self.pending[0].taken, timeout=timeout)
+        oldest = self.pending[0].taken if self.pending else self._read_ahead[0][0] if self._read_ahead else None
+        if oldest is not None:
+            taken: Taken = ray.get(oldest, timeout=timeout)
             return taken.position
         return ray.get(self.reader.position.remote(), timeout=timeout)
 
@@ -561,9 +563,18 @@ class RolloutCoordinator:
     def _launch(self, step: int, salt: int = 0) -> Launch:
         config = self.config
         params = sampling_params(config.rollout, derive_seed(derive_seed(config.seed, _TRAIN_SEED), step * 1000 + salt))
-        sizes = even_sizes(config.trainer.prompts_per_step, list(self.actors))
+        if not self._read_ahead:
+            self._read_ahead.append(self._take())
+        taken, shares, sizes = self._read_ahead.popleft()
+        # The reader prepares the next batch's prompts while this one is generated and trained on.
+        self._read_ahead.append(self._take())
+        return launch(self.actors, shares, sizes, params, taken)
+
+    def _take(self) -> tuple[ray.ObjectRef, dict[str, ray.ObjectRef], dict[str, int]]:
+        """Ask the reader for the next batch of prompts, one share per actor (non-blocking)."""
+        sizes = even_sizes(self.config.trainer.prompts_per_step, list(self.actors))
         taken, *shares = self.reader.take.options(num_returns=1 + len(sizes)).remote(list(sizes.values()))
-        return launch(self.actors, dict(zip(sizes, shares)), sizes, params, taken)
+        return taken, dict(zip(sizes, shares)), sizes
 
     def _finish(self, pending: Launch) -> list[Generated]:
         """``finish``, bringing lost rollout actors back with the current weights."""
