@@ -43,7 +43,10 @@ The two designs:
   responses from the object store, rank 0 reads small summaries and the rewards, deals
   the groups and posts each other rank its ``Shard`` (a ``ShardBox`` actor and a
   one-line message on the ``RankChannel``); each rank fetches its own groups
-  (``Shard.experiences``) and computes their advantages (``batch_advantages``).
+  (``Shard.experiences``) and computes their advantages (``batch_advantages``). The
+  reader takes each batch's prompts from Ray Data one step ahead, while the step before
+  runs (here, during the idle time below); the previous design pulled them when the
+  step asked.
 
 The previous design grades with a ``RewardPool`` made by the driver, as the job driver
 made it then; the coordinator makes its own, of the same config. Both are set up

@@ -10,8 +10,9 @@ bookkeeping passes through rank 0; the data goes through the object store::
     rollout actors ─► (one request per group) ─► reward pool ─► rewards ─► coordinator
     rollout actors ─► (one payload per group: tokens, log-probs, images) ─► its learner rank
 
-The coordinator reads a ``GroupSummary`` per group (lengths, versions), the rewards,
-and the prompts' uids. It deals whole groups to learner ranks, balanced by tokens,
+The reader prepares each batch's prompts one step ahead, while the step before is
+generated and trained on. The coordinator reads a ``GroupSummary`` per group (lengths,
+versions), the rewards, and the prompts' uids. It deals whole groups to learner ranks, balanced by tokens,
 before anything is sent, and posts each rank a ``Shard``: its groups' rewards,
 successes and object references. ``RankChannel`` carries the few messages between
 ranks over the learner's process group: "your shard is posted", "take part in a
