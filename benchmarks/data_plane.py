@@ -109,10 +109,9 @@ import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw
 
-from mapo_ray.algo import compute_advantages
 from mapo_ray.config import AlgoConfig, Config, RolloutConfig, load_config
-from mapo_ray.coordinator import RankChannel, RolloutCoordinator
-from mapo_ray.data.pipeline import PromptBatches, open_split, prompt_dataset
+from mapo_ray.coordinator import RankChannel, RolloutCoordinator, succeeded
+from mapo_ray.data.stream import DataPosition, PromptStream
 from mapo_ray.learner import Experience, batch_advantages, shard_by_group
 from mapo_ray.models.tiny import tiny_vl_path
 from mapo_ray.reward import GroupRequest, GroupResult
@@ -121,7 +120,7 @@ from mapo_ray.rollout.actor import RolloutError, create_rollout_actors, gather
 from mapo_ray.rollout.engine import sampling_params
 from mapo_ray.sync import GroupAddress, SyncPlan, WeightReceiver
 from mapo_ray.telemetry.ledger import PromptLedger
-from mapo_ray.types import Group, Prompt, Sample, SamplingParams, derive_seed, prompts_from_batch
+from mapo_ray.types import Group, Prompt, Sample, SamplingParams, derive_seed
 
 SIZES = (64, 128, 256, 512)
 QUICK_SIZES = (8, 16)
@@ -408,59 +407,6 @@ def peak() -> int:
 # ------------------------------------------------------------------------- the previous design
 
 
-@dataclass(frozen=True)
-class DataPosition:
-    epoch: int = 0
-    taken: int = 0
-
-
-class PromptStream:
-    """``mapo_ray.loop.PromptStream`` before the coordinator: Ray Data pulled into this process."""
-
-    def __init__(self, config: Config, tokenizer_path: str, position: DataPosition) -> None:
-        self._config = config
-        self._tokenizer_path = tokenizer_path
-        self._source = open_split(config.data, "train")
-        self.position = position
-        self._batches: PromptBatches | None = None
-        self._open_epoch(position.epoch, skip=position.taken)
-
-    def take_with_epochs(self, n: int) -> tuple[list[Prompt], list[int]]:
-        out: list[Prompt] = []
-        epochs: list[int] = []
-        empty_epochs = 0
-        while len(out) < n:
-            prompt = next(self._iter, None)
-            if prompt is None:
-                empty_epochs = empty_epochs + 1 if not out else 0
-                if empty_epochs > 1:
-                    raise RuntimeError(f"data.train {self._config.data.train!r} yields no usable prompt")
-                self._open_epoch(self.position.epoch + 1, skip=0)
-                continue
-            out.append(prompt)
-            epochs.append(self.position.epoch)
-            self.position = DataPosition(self.position.epoch, self.position.taken + 1)
-        return out, epochs
-
-    def _open_epoch(self, epoch: int, skip: int) -> None:
-        dataset = prompt_dataset(
-            self._source, self._config.data, tokenizer_path=self._tokenizer_path, seed=self._config.seed, epoch=epoch
-        )
-        self._batches = PromptBatches(dataset, batch_size=self._config.trainer.prompts_per_step)
-        self._iter = (p for batch in self._batches for p in prompts_from_batch(batch))
-        self.position = DataPosition(epoch, 0)
-        for _ in range(skip):
-            if next(self._iter, None) is None:
-                break
-            self.position = DataPosition(epoch, self.position.taken + 1)
-
-
-def succeeded(result: GroupResult, definition: str, threshold: float) -> list[bool]:
-    if definition == "full_marks":
-        return [s["overall"] >= threshold for s in result.scores]
-    return [s["accuracy"] >= 1.0 if "accuracy" in s else s["overall"] >= threshold for s in result.scores]
-
-
 def rollout_metrics(groups: Sequence[Group], results: Sequence[GroupResult], algo: AlgoConfig) -> dict[str, float]:
     """The reward and length statistics the previous loop computed on rank 0 in the step."""
     rewards = [r for result in results for r in result.rewards]
@@ -485,26 +431,6 @@ def to_experiences(
         for sample, reward, ok in zip(group.samples, result.rewards, successes):
             batch.append(Experience.from_sample(sample, group_id=group_id, reward=reward, success=ok, images=images))
     return batch
-
-
-def whole_batch_advantages(batch: Sequence[Experience], config: Config, step: int) -> torch.Tensor:
-    """``Learner.advantages`` before the coordinator, on the CPU: every rank, the whole batch."""
-    algo = config.algo
-    scores = torch.tensor([e.reward for e in batch], dtype=torch.float64)
-    success = torch.tensor(
-        [e.reward >= algo.success_threshold if e.success is None else e.success for e in batch], dtype=torch.bool
-    )
-    generator = torch.Generator().manual_seed(derive_seed(config.seed, step))
-    return compute_advantages(
-        scores,
-        torch.tensor([e.group_id for e in batch], dtype=torch.long),
-        algo.estimator,
-        success=success,
-        success_threshold=algo.success_threshold,
-        std=algo.std,
-        eps=algo.eps,
-        generator=generator,
-    )
 
 
 class PreviousRank0:
@@ -629,7 +555,7 @@ class LearnerRank:
         box = [batch]
         dist.broadcast_object_list(box, src=0)
         batch = box[0]
-        advantages = whole_batch_advantages(batch, config, step)
+        advantages = batch_advantages(batch, config, step, torch.device("cpu"))  # the whole batch
         shards = shard_by_group([e.group_id for e in batch], [e.num_tokens for e in batch], self.world_size)
         mine = shards[self.rank]
         shard, shard_advantages = [batch[i] for i in mine], advantages[mine]
