@@ -223,7 +223,6 @@ class Launch:
     actors: Mapping[str, ActorHandle]
     calls: dict[str, list[ray.ObjectRef]] = field(default_factory=dict)
     restarts: int = 0  # actors restarted while this batch was generated
-    started: float = field(default_factory=time.perf_counter)
 
 
 def even_sizes(count: int, names: Sequence[str]) -> dict[str, int]:
