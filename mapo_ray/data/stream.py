@@ -159,7 +159,7 @@ class PromptReader:
 
     def eval_shares(self, sizes: list[int]) -> list[Any]:
         """``[uids, share_1, .., share_k]`` of the evaluation prompts cut into ``sizes``
-        (``eval_sizes`` gives them)."""
+        (``eval_count`` says how many there are to cut)."""
         return [[p.uid for p in self._eval], *_cut(self._eval, sizes)]
 
     def eval_count(self) -> int:

@@ -3,8 +3,8 @@
 Each ``RewardWorker`` is a thin actor around one ``TimedGrader`` (every grading in a
 child process with its own time limit). ``RewardPool`` lives in the process that made
 it (in a run, the rollout coordinator on learner rank 0, so the actors die with it
-and a restarted learner starts a fresh pool) and hands out one group per idle actor, so a slow group never queues others behind it
-and each call's deadline (``reward.call_timeout_s``) runs from the moment an actor
+and a restarted learner starts a fresh pool) and hands out one group per idle actor,
+so a slow group never queues others behind it and each call's deadline (``reward.call_timeout_s``) runs from the moment an actor
 starts on it. When an actor dies, it is replaced and its group is graded again by
 the next idle actor, up to ``reward.max_retries`` times (counted in
 ``GroupResult.retries``); a group still unlucky after that gets reward 0
