@@ -161,7 +161,7 @@ def training_step(
     metrics["time/sync_s"] = time.perf_counter() - sync_start
 
     if coordinator:
-        metrics.update(coordinator.certainty_metrics(adv_max_abs))
+        metrics.update(coordinator.step_metrics(adv_max_abs))
         metrics["adv/mean"] = adv_mean
         metrics["adv/max_abs"] = adv_max_abs
     metrics["step"] = float(step)

@@ -23,8 +23,11 @@ Every wait has the configured time-out. When something fails, every actor's call
 inspected so the error names who died, who raised what, and who never answered; it
 comes within about twice the time-out (the failing step, then the actors' answers),
 usually at once, since a dead peer resets its connections. The group is then gone:
-``connect`` again, e.g. with the survivors. ``version`` counts updates that every
-actor loaded, so a failed update's number is used again by the next one.
+``connect`` again, e.g. with the survivors, or with the actors the error lists as
+``lost`` once Ray has restarted them (``RolloutCoordinator.sync_weights`` does). The
+learner has gone through all its parameters by then, so under ZeRO-3 the other ranks'
+gathers end too. ``version`` counts updates that every actor loaded, so a failed
+update's number is used again by the next one.
 """
 
 from __future__ import annotations
@@ -111,11 +114,16 @@ class RayWeightSync:
             raise WeightSyncError("weight sync is not connected; call connect() first")
         plan = self._sender.plan(specs, version=self.version if again else None)
         refs = {actor.receive_weights.remote(plan): name for name, actor in self.actors.items()}
+        tensors = iter(named_tensors)
         cause = None
         try:
-            self._sender.send(plan, named_tensors)
+            self._sender.send(plan, tensors)
         except WeightSyncError as err:
             cause = err
+            # Under ZeRO-3 every learner rank gathers each parameter with this one: take
+            # the rest of them, or the other ranks would wait in a gather forever.
+            for _ in tensors:
+                pass
         loaded = self._finish(refs, f"weight update v{plan.version}", cause)
         wrong = {name: v for name, v in loaded.items() if v != plan.version}
         if wrong:
@@ -147,11 +155,12 @@ class RayWeightSync:
         """
         ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=self.config.timeout_s)
         results: dict[str, object] = {}
-        died, raised = [], []
+        died, raised, lost = [], [], []
         for ref in ready:
             try:
                 results[refs[ref]] = ray.get(ref)
             except RayActorError as err:
+                lost.append(refs[ref])
                 died.append(f"{refs[ref]!r} died ({type(err).__name__})")
             except Exception as err:  # the actor's own exception, wrapped in a RayTaskError
                 raised.append(f"{refs[ref]!r} raised {first_line(getattr(err, 'cause', None) or err)}")
@@ -159,5 +168,5 @@ class RayWeightSync:
         problems = died + raised + silent + ([f"learner {first_line(cause)}"] if cause else [])
         if problems:
             self.close()
-            raise WeightSyncError(f"{what} failed: " + "; ".join(problems)) from cause
+            raise WeightSyncError(f"{what} failed: " + "; ".join(problems), lost=tuple(lost)) from cause
         return results

@@ -74,7 +74,7 @@ RAY_METRICS: tuple[RayMetricSpec, ...] = (
     RayMetricSpec("response/clipped_frac", "Fraction of responses cut off at the token limit"),
     RayMetricSpec("rollout/staleness", "Weight versions between the policy and the oldest sample it trains on"),
     RayMetricSpec("rollout/staleness_mean", "Weight versions between the policy and its samples, mean over the batch"),
-    RayMetricSpec("rollout/restarts", "Rollout actors restarted (and their prompts re-issued) in the step"),
+    RayMetricSpec("rollout/restarts", "Rollout actors restarted in the step (in its rollouts, their prompts re-issued, or its weight sync)"),
     RayMetricSpec("dynamic_sampling/extra_rounds", "Extra rollout rounds DAPO's dynamic sampling took"),
     RayMetricSpec("dynamic_sampling/kept_groups", "Groups kept by DAPO's dynamic sampling"),
     # Advantages and the MAPO certainty diagnostics (mapo_ray.algo.advantage_diagnostics).
