@@ -69,6 +69,7 @@ RAY_METRICS: tuple[RayMetricSpec, ...] = (
     RayMetricSpec("reward/success", "Fraction of the step's rollouts that succeeded (algo.success)"),
     RayMetricSpec("reward/graded", "Rollouts graded without failure"),
     RayMetricSpec("reward/retried", "Reward group calls made again on another actor after their actor died"),
+    RayMetricSpec("reward/regraded", "Responses graded again after their grading process was killed from outside"),
     _family("reward/failed/", "kind", "Rollouts given reward 0 because grading failed, by failure kind"),
     RayMetricSpec("response/length_mean", "Mean response length in tokens"),
     RayMetricSpec("response/clipped_frac", "Fraction of responses cut off at the token limit"),
