@@ -413,7 +413,12 @@ class RolloutCoordinator:
         resend = start_step > 0 or config.sft.steps > 0
         self.sync.version = start_step - 1 if resend else 0
         self._ranks_per_actor = self._sync_ranks()
-        self.sync.connect(self.actors, self._ranks_per_actor)
+        try:
+            self.sync.connect(self.actors, self._ranks_per_actor)  # a bad address shows before the first step
+        except WeightSyncError as err:
+            if not err.lost:
+                raise
+            # An actor died as this learner started (maybe with it): sync_weights forms the group.
         self.logger = RunLogger(run_dir, total_steps=trainer.total_steps, start_step=start_step)
         self.ledger = PromptLedger(run_dir, start_step)
         self.pending: deque[Launch] = deque()  # async mode: batches launched ahead
@@ -546,7 +551,7 @@ class RolloutCoordinator:
         announce, restarts = bool(lost), 0
         while True:
             try:
-                if lost:
+                if lost or not self.sync.connected:
                     for name in lost:
                         await_restart(self.actors[name], name, config.sync.timeout_s)
                     self.sync.connect(self.actors, self._ranks_per_actor)

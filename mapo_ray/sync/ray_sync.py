@@ -63,6 +63,11 @@ class RayWeightSync:
             return self.config.backend
         return "nccl" if torch.cuda.is_available() else "gloo"
 
+    @property
+    def connected(self) -> bool:
+        """A group is formed (``connect`` succeeded and no update failed since)."""
+        return self._sender is not None
+
     def connect(self, actors: Mapping[str, ActorHandle], ranks_per_actor: int = 1) -> None:
         """Form a new group with ``actors`` (name -> handle), each owning ``ranks_per_actor`` ranks.
 
