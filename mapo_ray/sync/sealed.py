@@ -7,9 +7,9 @@ so a value written without the secret (or copied from another key) does not open
 a value is refused with a warning, and a read keeps waiting, up to the time-out, for
 one a member wrote: the member that owns a key writes it, replacing a stranger's.
 
-Not sealed: key names, ``add`` counters (gloo and NCCL connect with ``set`` / ``get`` /
-``wait`` only), and the store's availability: a stranger can still delete or keep
-overwriting a key, and the read that waits on it then fails at its time-out.
+Not sealed: key names, ``add`` counters (gloo's connect uses ``set`` / ``get`` / ``wait``
+only), and the store's availability: a stranger can still delete a key or overwrite it
+after its member wrote it, and the read that waits on it then fails at its time-out.
 """
 
 from __future__ import annotations
