@@ -9,7 +9,9 @@ only a small ``GroupSummary`` per group comes back to the caller. ``generate``
 returns whole groups, for callers that want them in hand. Weight updates
 (``join_weight_sync`` / ``receive_weights``, the methods
 ``mapo_ray.sync.ray_sync.RayWeightSync`` calls) fit between two calls, and the caller
-decides how stale a batch may be.
+decides how stale a batch may be. The ``GroupAddress`` that ``join_weight_sync`` gets
+holds the group's secret: it goes on to the engine (and from a vLLM engine to its workers,
+pickled through ``collective_rpc``) and into no log.
 
 An engine error comes back as ``RolloutError`` naming the actor; ``collect`` turns a
 dead, failing or silent actor into one ``RolloutError`` naming each of them.

@@ -2,7 +2,9 @@
 and a bucketed broadcast of the policy weights over it.
 
 - ``plan``: which tensor goes in which bucket at which offset (pure, no group)
-- ``group``: the group itself, built without touching ``torch.distributed``'s default group
+- ``group``: the group itself, built without touching ``torch.distributed``'s default group;
+  its store listens on the group's host only and admits only holders of the group's secret
+- ``sealed``: the store view that seals every value with that secret
 - ``sender`` / ``receiver``: the two ends, plain torch (no Ray), so a receiver can live
   in a Ray actor or inside a vLLM worker process
 - ``params``: a model's parameters to send, ZeRO-3 partitions gathered chunk by chunk

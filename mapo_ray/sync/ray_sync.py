@@ -7,6 +7,10 @@ per vLLM tensor-parallel worker, ranks ``first_rank .. first_rank + ranks_per_ac
     def join_weight_sync(self, address: GroupAddress, first_rank: int) -> None: ...
     def receive_weights(self, plan: SyncPlan) -> int: ...  # the version it loaded
 
+The ``GroupAddress`` of ``join_weight_sync`` carries the group's secret, so the store
+on learner rank 0's node IP (``ray.util.get_node_ip_address``, where it alone listens)
+admits only the actors that Ray's authenticated channel reached (see ``group``).
+
 The update's metadata (the ``SyncPlan``: names, shapes, dtypes, bucket offsets and
 version) rides on the ``receive_weights`` call itself. That call has to be made
 anyway to tell the actor to start receiving, so the plan costs no extra round trip
