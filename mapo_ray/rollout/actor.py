@@ -169,7 +169,8 @@ def create_rollout_actors(
     prefix: str = "rollout",
     engine_factory: EngineFactory | None = None,
 ) -> dict[str, ActorHandle]:
-    """``cfg.num_actors`` actors named ``{prefix}-{i}``, each with its resources and engine seed ``seed + i``;
+    """``cfg.num_actors`` actors named ``{prefix}-{i}``, each with its CPUs, GPUs and custom resources
+    (``cfg.resources``, its placement) and engine seed ``seed + i``;
     restartable by Ray when ``cfg.max_restarts`` > 0. ``engine_factory``: see ``RolloutActor``."""
     # Ray restarts a dead actor as often as it dies; how many restarts one batch may
     # wait for is the loop's bound (cfg.max_restarts), since a long run may lose many.
@@ -178,7 +179,7 @@ def create_rollout_actors(
     for i in range(cfg.num_actors):
         name = f"{prefix}-{i}"
         options = RolloutActor.options(
-            num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.gpus_per_actor, max_restarts=restarts
+            num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.gpus_per_actor, resources=cfg.resources, max_restarts=restarts
         )
         actors[name] = options.remote(name, cfg, str(model_path), seed + i, engine_factory)
     return actors
