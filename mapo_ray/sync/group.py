@@ -9,11 +9,19 @@ none. Rank 0 hosts the store and sends; ranks 1.. receive.
 Joining has two steps so that a rank that never shows up is named: each receiver
 first writes its member key into the store, and the host waits for all keys (with
 the group's time-out) before any rank enters the backend's own all-to-all connect.
+
+Gloo's ranks connect to each other at the addresses they bind to, which by default is
+whatever the machine's hostname resolves to: often a loopback address (Debian's
+``/etc/hosts``, many containers), which a rank on another machine cannot dial. So rank 0
+binds to the group's host, and each receiver to its own address on the route to that
+host (``GLOO_SOCKET_IFNAME``, when set, chooses the interfaces instead).
 """
 
 from __future__ import annotations
 
 import itertools
+import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal
@@ -54,13 +62,28 @@ def default_device(backend: Backend) -> torch.device:
     return torch.device("cpu")
 
 
+def local_address_towards(host: str) -> str:
+    """This machine's address on the route to ``host`` (an IP address): the one a process
+    there can reach it at. No packet is sent."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.connect((host, 9))  # a UDP "connect" only picks the route and the local address
+        return probe.getsockname()[0]
+
+
 def _new_backend(
     store: dist.Store, rank: int, address: GroupAddress, device: torch.device
 ) -> C10dBackend:
     """Construct the backend directly: no ``init_process_group``, no ``new_group``."""
     if address.backend == "gloo":
-        # This constructor reads GLOO_SOCKET_IFNAME like init_process_group does.
-        return dist.ProcessGroupGloo(store, rank, address.world_size, address.timeout)
+        if os.environ.get("GLOO_SOCKET_IFNAME"):
+            # This constructor reads GLOO_SOCKET_IFNAME like init_process_group does.
+            return dist.ProcessGroupGloo(store, rank, address.world_size, address.timeout)
+        options = dist.ProcessGroupGloo._Options()
+        options._timeout = address.timeout
+        bind = address.host if rank == 0 else local_address_towards(address.host)
+        options._devices = [dist.ProcessGroupGloo.create_device(hostname=bind)]
+        return dist.ProcessGroupGloo(store, rank, address.world_size, options)
     if not hasattr(dist, "ProcessGroupNCCL"):
         raise WeightSyncError("weight sync backend 'nccl' needs a CUDA build of torch; use 'gloo'")
     options = dist.ProcessGroupNCCL.Options()
