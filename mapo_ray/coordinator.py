@@ -412,7 +412,7 @@ class RolloutCoordinator:
         resend = start_step > 0 or config.sft.steps > 0
         self.sync.version = start_step - 1 if resend else 0
         self._ranks_per_actor = self._sync_ranks()
-        self.sync.connect(self.actors, self._ranks_per_actor)
+        self._connect_sync()
         self.logger = RunLogger(run_dir, total_steps=trainer.total_steps, start_step=start_step)
         self.ledger = PromptLedger(run_dir, start_step)
         self.pending: deque[Launch] = deque()  # async mode: batches launched ahead
@@ -560,6 +560,17 @@ class RolloutCoordinator:
             raise RolloutError(f"rollout actors hold different numbers of weight-sync ranks ({held}); make them alike")
         return ranks[0]
 
+    def _connect_sync(self) -> None:
+        """Form the weight-sync group with every actor, and print its address: the one every
+        rollout node must be able to reach."""
+        self.sync.connect(self.actors, self._ranks_per_actor)
+        address = self.sync.address
+        print(
+            f"weight sync: {len(self.actors) * self._ranks_per_actor} rollout rank(s) joined the "
+            f"{address.backend} group at {address.host}:{address.port}",
+            flush=True,
+        )
+
     def _launch(self, step: int, salt: int = 0) -> Launch:
         config = self.config
         params = sampling_params(config.rollout, derive_seed(derive_seed(config.seed, _TRAIN_SEED), step * 1000 + salt))
@@ -585,7 +596,7 @@ class RolloutCoordinator:
                 await_restart(self.actors[name], name, config.sync.timeout_s)
             # A torch process group cannot take a new member: every actor joins a new one.
             self.channel.announce_sync()
-            self.sync.connect(self.actors, self._ranks_per_actor)
+            self._connect_sync()
             self.sync.sync_model(self._policy(), again=True)
 
         return finish(pending, config.rollout.call_timeout_s, revive, config.rollout.max_restarts)

@@ -39,7 +39,7 @@ from ray.util import get_node_ip_address
 
 from mapo_ray.config import SyncConfig
 from mapo_ray.sync.errors import WeightSyncError, first_line
-from mapo_ray.sync.group import Backend
+from mapo_ray.sync.group import Backend, GroupAddress
 from mapo_ray.sync.params import named_parameters_for_sync, parameter_specs
 from mapo_ray.sync.plan import TensorSpec
 from mapo_ray.sync.sender import WeightSender
@@ -60,6 +60,11 @@ class RayWeightSync:
             return self.config.backend
         return "nccl" if torch.cuda.is_available() else "gloo"
 
+    @property
+    def address(self) -> GroupAddress | None:
+        """The address of the group the actors joined; None before ``connect`` and after a failure."""
+        return self._sender.address if self._sender is not None else None
+
     def connect(self, actors: Mapping[str, ActorHandle], ranks_per_actor: int = 1) -> None:
         """Form a new group with ``actors`` (name -> handle), each owning ``ranks_per_actor`` ranks.
 
@@ -75,6 +80,7 @@ class RayWeightSync:
             self.config.bucket_bytes,
             backend=self.backend,
             timeout_s=self.config.timeout_s,
+            # This node's address as Ray knows it (ray start --node-ip-address): the actors dial it.
             host=get_node_ip_address(),
             version=self.version,
         )
