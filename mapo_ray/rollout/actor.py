@@ -35,6 +35,7 @@ from ray.actor import ActorHandle
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 from mapo_ray.config import RolloutConfig
+from mapo_ray.models.folder import model_folder_here
 from mapo_ray.reward.group import GroupRequest
 from mapo_ray.rollout.engine import RolloutEngine, make_engine
 from mapo_ray.sync import GroupAddress, SyncPlan
@@ -102,7 +103,8 @@ class RolloutActor:
         engine_factory: EngineFactory | None = None,
     ) -> None:
         self.name = name
-        self._engine = (engine_factory or make_engine)(cfg, str(model_path), seed)
+        folder = model_folder_here(model_path, f"rollout actor {name!r}")
+        self._engine = (engine_factory or make_engine)(cfg, str(folder), seed)
         # A restart reloads the model folder: whatever version the run is at, these are not its weights.
         self._restarted = ray.get_runtime_context().was_current_actor_reconstructed
         self._tokens = 0
