@@ -414,7 +414,7 @@ class RolloutCoordinator:
         self.sync.version = start_step - 1 if resend else 0
         self._ranks_per_actor = self._sync_ranks()
         try:
-            self.sync.connect(self.actors, self._ranks_per_actor)  # a bad address shows before the first step
+            self._connect_sync()  # a bad address shows before the first step
         except WeightSyncError as err:
             if not err.lost:
                 raise
@@ -554,7 +554,7 @@ class RolloutCoordinator:
                 if lost or not self.sync.connected:
                     for name in lost:
                         await_restart(self.actors[name], name, config.sync.timeout_s)
-                    self.sync.connect(self.actors, self._ranks_per_actor)
+                    self._connect_sync()
                     lost = ()
                 # Nothing may fail between this and the send: each announcement is one gather.
                 if announce:
@@ -596,6 +596,17 @@ class RolloutCoordinator:
             held = ", ".join(f"{n!r}: {r}" for n, r in zip(names, ranks))
             raise RolloutError(f"rollout actors hold different numbers of weight-sync ranks ({held}); make them alike")
         return ranks[0]
+
+    def _connect_sync(self) -> None:
+        """Form the weight-sync group with every actor, and print its address: the one every
+        rollout node must be able to reach."""
+        self.sync.connect(self.actors, self._ranks_per_actor)
+        address = self.sync.address
+        print(
+            f"weight sync: {len(self.actors) * self._ranks_per_actor} rollout rank(s) joined the "
+            f"{address.backend} group at {address.host}:{address.port}",
+            flush=True,
+        )
 
     def _launch(self, step: int, salt: int = 0) -> Launch:
         config = self.config

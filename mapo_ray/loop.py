@@ -283,7 +283,11 @@ def train(
         scaling_config=ray.train.ScalingConfig(
             num_workers=trainer.num_learners,
             use_gpu=use_gpu,
-            resources_per_worker={"CPU": trainer.cpus_per_learner, **({"GPU": trainer.gpus_per_learner} if use_gpu else {})},
+            resources_per_worker={
+                "CPU": trainer.cpus_per_learner,
+                **({"GPU": trainer.gpus_per_learner} if use_gpu else {}),
+                **trainer.resources_per_learner,
+            },
         ),
         run_config=ray.train.RunConfig(
             name="checkpoints",

@@ -19,6 +19,7 @@ import ray
 from mapo_ray.config import Config
 from mapo_ray.data.errors import DataError
 from mapo_ray.data.pipeline import PromptBatches, open_split, prompt_dataset
+from mapo_ray.models.folder import model_folder_here
 from mapo_ray.types import Prompt, prompts_from_batch
 
 
@@ -137,7 +138,7 @@ class PromptReader:
         context.execution_options.preserve_order = True
         # One progress line per training step says more than a bar per dataset.
         context.enable_progress_bars = False
-        self._stream = PromptStream(config, tokenizer_path, position)
+        self._stream = PromptStream(config, str(model_folder_here(tokenizer_path, "the prompt reader")), position)
         self._eval: list[Prompt] = []
         self._eval_skipped: dict[str, int] = {}
         if config.trainer.eval_every:

@@ -37,6 +37,7 @@ from ray.actor import ActorHandle
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 from mapo_ray.config import RolloutConfig
+from mapo_ray.models.folder import model_folder_here
 from mapo_ray.reward.group import GroupRequest
 from mapo_ray.rollout.engine import RolloutEngine, make_engine
 from mapo_ray.sync import GroupAddress, SyncPlan
@@ -104,7 +105,8 @@ class RolloutActor:
         engine_factory: EngineFactory | None = None,
     ) -> None:
         self.name = name
-        self._engine = (engine_factory or make_engine)(cfg, str(model_path), seed)
+        folder = model_folder_here(model_path, f"rollout actor {name!r}")
+        self._engine = (engine_factory or make_engine)(cfg, str(folder), seed)
         # A restart reloads the model folder: whatever version the run is at, these are not its weights.
         self._restarted = ray.get_runtime_context().was_current_actor_reconstructed
         self._tokens = 0
@@ -171,7 +173,8 @@ def create_rollout_actors(
     prefix: str = "rollout",
     engine_factory: EngineFactory | None = None,
 ) -> dict[str, ActorHandle]:
-    """``cfg.num_actors`` actors named ``{prefix}-{i}``, each with its resources and engine seed ``seed + i``;
+    """``cfg.num_actors`` actors named ``{prefix}-{i}``, each with its CPUs, GPUs and custom resources
+    (``cfg.resources``, its placement) and engine seed ``seed + i``;
     restartable by Ray when ``cfg.max_restarts`` > 0. ``engine_factory``: see ``RolloutActor``."""
     # Ray restarts a dead actor as often as it dies; how many restarts one batch may
     # wait for is the loop's bound (cfg.max_restarts), since a long run may lose many.
@@ -180,7 +183,7 @@ def create_rollout_actors(
     for i in range(cfg.num_actors):
         name = f"{prefix}-{i}"
         options = RolloutActor.options(
-            num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.gpus_per_actor, max_restarts=restarts
+            num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.gpus_per_actor, resources=cfg.resources, max_restarts=restarts
         )
         actors[name] = options.remote(name, cfg, str(model_path), seed + i, engine_factory)
     return actors

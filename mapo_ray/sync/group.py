@@ -18,14 +18,18 @@ Closed to strangers, as far as torch lets it be:
   socket bound here (``master_listen_fd``), it listens on that socket only.
 - Each group has a random secret, created by the host and carried to the receivers
   inside ``GroupAddress`` (on a Ray actor call, authenticated while Ray's token
-  authentication is on). Every
-  store value, member keys and the backend's own rendezvous (gloo's addresses, NCCL's
-  unique id) included, is sealed with it (``SealedStore``). A member key without it is
+  authentication is on). Every store value, member keys and the backend's own
+  rendezvous (gloo's addresses, NCCL's unique id) included, is sealed with it
+  (``SealedStore``). A member key without it is
   refused with a warning and the host keeps waiting for the member's; a joiner without
   it never sees the host's admission, so it fails at its time-out and touches none of
   the backend's keys.
-- gloo's sockets listen on this machine's address on the route to the host (unless
-  ``GLOO_SOCKET_IFNAME`` chooses), not on whatever the host name resolves to.
+- gloo's ranks connect to each other at the addresses they bind to, by default whatever
+  the machine's hostname resolves to: often a loopback address (Debian's ``/etc/hosts``,
+  many containers), which a rank on another machine cannot dial, and which is not the
+  address the store is on. So rank 0 binds to the group's host, and each receiver to its
+  own address on the route to that host (``GLOO_SOCKET_IFNAME``, when set, chooses the
+  interfaces instead).
 
 Open still: anyone who reaches the store can connect, list the key names and delete or
 overwrite keys, which can make a join fail (not succeed) at its time-out; gloo's and
@@ -104,19 +108,20 @@ def _store_on(host: str, timeout: timedelta) -> dist.TCPStore:
     return store
 
 
-def _local_address(host: str, port: int) -> str:
-    """This machine's address on the route to ``host`` (``host`` itself on the host's machine)."""
-    family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
-    with socket.socket(family, socket.SOCK_DGRAM) as probe:
-        probe.connect(sockaddr)  # a UDP connect sends nothing: the kernel only picks the route
-        return probe.getsockname()[0]
-
-
 def default_device(backend: Backend) -> torch.device:
     """CPU for gloo, the current CUDA device for NCCL."""
     if backend == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def local_address_towards(host: str) -> str:
+    """This machine's address on the route to ``host`` (an IP address): the one a process
+    there can reach it at. No packet is sent."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.connect((host, 9))  # a UDP "connect" only picks the route and the local address
+        return probe.getsockname()[0]
 
 
 def _new_backend(
@@ -125,11 +130,12 @@ def _new_backend(
     """Construct the backend directly: no ``init_process_group``, no ``new_group``."""
     if address.backend == "gloo":
         if os.environ.get("GLOO_SOCKET_IFNAME"):
-            # The operator chose the interfaces; this constructor reads them like init_process_group does.
+            # The operator chose the interfaces; this constructor reads GLOO_SOCKET_IFNAME like init_process_group does.
             return dist.ProcessGroupGloo(store, rank, address.world_size, address.timeout)
         options = dist.ProcessGroupGloo._Options()
         options._timeout = address.timeout
-        options._devices = [dist.ProcessGroupGloo.create_device(hostname=_local_address(address.host, address.port))]
+        bind = address.host if rank == 0 else local_address_towards(address.host)
+        options._devices = [dist.ProcessGroupGloo.create_device(hostname=bind)]
         return dist.ProcessGroupGloo(store, rank, address.world_size, options)
     if not hasattr(dist, "ProcessGroupNCCL"):
         raise WeightSyncError("weight sync backend 'nccl' needs a CUDA build of torch; use 'gloo'")

@@ -46,7 +46,7 @@ from ray.util import get_node_ip_address
 
 from mapo_ray.config import SyncConfig
 from mapo_ray.sync.errors import WeightSyncError, first_line
-from mapo_ray.sync.group import Backend
+from mapo_ray.sync.group import Backend, GroupAddress
 from mapo_ray.sync.params import named_parameters_for_sync, parameter_specs
 from mapo_ray.sync.plan import TensorSpec
 from mapo_ray.sync.sender import WeightSender
@@ -72,6 +72,11 @@ class RayWeightSync:
         """A group is formed (``connect`` succeeded and no update failed since)."""
         return self._sender is not None
 
+    @property
+    def address(self) -> GroupAddress | None:
+        """The address of the group the actors joined; None before ``connect`` and after a failure."""
+        return self._sender.address if self._sender is not None else None
+
     def connect(self, actors: Mapping[str, ActorHandle], ranks_per_actor: int = 1) -> None:
         """Form a new group with ``actors`` (name -> handle), each owning ``ranks_per_actor`` ranks.
 
@@ -87,6 +92,7 @@ class RayWeightSync:
             self.config.bucket_bytes,
             backend=self.backend,
             timeout_s=self.config.timeout_s,
+            # This node's address as Ray knows it (ray start --node-ip-address): the actors dial it.
             host=get_node_ip_address(),
             version=self.version,
         )

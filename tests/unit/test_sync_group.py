@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from mapo_ray.sync import SyncGroup, WeightReceiver, WeightSender, WeightSyncError, tensor_spec
+from mapo_ray.sync.group import local_address_towards
 
 TIMEOUT_S = 3.0
 
@@ -229,3 +230,42 @@ def test_strangers_without_the_secret_are_refused_and_logged_and_the_group_still
     sender.close()
     for r in receivers:
         r.close()
+
+def _tcp_links() -> set[tuple[str, int, str, int]]:
+    """This process's established TCP connections, (local ip, port, remote ip, port), IPv4-mapped
+    addresses written as IPv4."""
+    plain = lambda ip: ip.removeprefix("::ffff:")  # noqa: E731
+    return {
+        (plain(c.laddr.ip), c.laddr.port, plain(c.raddr.ip), c.raddr.port)
+        for c in psutil.Process().net_connections("tcp")
+        if c.status == psutil.CONN_ESTABLISHED
+    }
+
+
+def test_gloo_ranks_connect_at_the_group_host_not_at_what_the_hostname_resolves_to():
+    # Where the hostname resolves to 127.0.x.x (as on this machine), gloo's default device
+    # would connect the ranks over loopback, which no rank on another machine can reach.
+    try:
+        host = local_address_towards("192.0.2.1")  # TEST-NET-1: only the route is looked up
+    except OSError:
+        pytest.skip("this machine has no route off loopback")
+    if host.startswith("127."):
+        pytest.skip("this machine has no address but loopback")
+    before = _tcp_links()
+    sender = WeightSender(2, 2048, timeout_s=TIMEOUT_S, host=host)
+    joined = _Rank(lambda: WeightReceiver.join(sender.address, 1))
+    sender.connect({1: "rollout-1"})
+    receiver, error = joined.outcome()
+    assert error is None
+    weights = _weights(3)
+    plan = sender.plan(tensor_spec(n, t) for n, t in weights.items())
+    loaded: dict[str, torch.Tensor] = {}
+    rank = _Rank(lambda: receiver.receive(plan, _copy_into(loaded)))
+    sender.send(plan, weights.items())
+    assert rank.outcome() == (1, None) and torch.equal(loaded["embed.weight"], weights["embed.weight"])
+    links = _tcp_links() - before
+    # The store's connection and gloo's pair (both ends of each, this process being both ranks).
+    assert len(links) >= 4
+    assert {ip for local_ip, _, remote_ip, _ in links for ip in (local_ip, remote_ip)} == {host}
+    sender.close()
+    receiver.close()
