@@ -41,7 +41,7 @@ from mapo_ray.models.folder import model_folder_here
 from mapo_ray.reward.group import GroupRequest
 from mapo_ray.rollout.engine import RolloutEngine, make_engine
 from mapo_ray.sync import GroupAddress, SyncPlan
-from mapo_ray.sync.errors import first_line
+from mapo_ray.sync.errors import NotInGroupError, first_line
 from mapo_ray.types import Group, GroupPayload, GroupSummary, Prompt, SamplingParams, count_tokens
 
 
@@ -109,6 +109,7 @@ class RolloutActor:
         self._engine = (engine_factory or make_engine)(cfg, str(folder), seed)
         # A restart reloads the model folder: whatever version the run is at, these are not its weights.
         self._restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        self._joined = False  # this process joined a weight-sync group (its predecessor's does not count)
         self._tokens = 0
         self._seconds = 0.0
         self._last_tokens_per_s = 0.0
@@ -145,8 +146,12 @@ class RolloutActor:
 
     def join_weight_sync(self, address: GroupAddress, first_rank: int) -> None:
         self._engine.join_weight_sync(address, first_rank)
+        self._joined = True
 
     def receive_weights(self, plan: SyncPlan) -> int:
+        if not self._joined:
+            # The group's sender waits on this actor's rank, which only a new group can fill.
+            raise NotInGroupError(f"rollout actor {self.name!r} was restarted since the weight-sync group formed")
         version = self._engine.receive_weights(plan)
         self._restarted = False
         return version

@@ -14,7 +14,7 @@ and a bucketed broadcast of the policy weights over it.
 does not import Ray, so a vLLM worker can import the receiver without it.
 """
 
-from mapo_ray.sync.errors import WeightSyncError
+from mapo_ray.sync.errors import NotInGroupError, WeightSyncError
 from mapo_ray.sync.group import GroupAddress, SyncGroup
 from mapo_ray.sync.params import named_parameters_for_sync, parameter_specs
 from mapo_ray.sync.plan import Bucket, Slot, SyncPlan, TensorSpec, plan_buckets, slot_view, tensor_spec
@@ -25,6 +25,7 @@ __all__ = [
     "Bucket",
     "GroupAddress",
     "LoadWeights",
+    "NotInGroupError",
     "Slot",
     "SyncGroup",
     "SyncPlan",

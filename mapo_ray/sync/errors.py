@@ -15,6 +15,11 @@ class WeightSyncError(RuntimeError):
         self.lost = lost
 
 
+class NotInGroupError(WeightSyncError):
+    """An update reached a process that is not a member of the group it was sent over:
+    one restarted since the group formed, whose ``join`` the old process made."""
+
+
 def first_line(err: BaseException) -> str:
     """The first line of ``err``'s message (gloo and Ray append long tails), else its type name."""
     text = str(err).strip()

@@ -41,11 +41,11 @@ from collections.abc import Iterable, Mapping
 import ray
 import torch
 from ray.actor import ActorHandle
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.util import get_node_ip_address
 
 from mapo_ray.config import SyncConfig
-from mapo_ray.sync.errors import WeightSyncError, first_line
+from mapo_ray.sync.errors import NotInGroupError, WeightSyncError, first_line
 from mapo_ray.sync.group import Backend, GroupAddress
 from mapo_ray.sync.params import named_parameters_for_sync, parameter_specs
 from mapo_ray.sync.plan import TensorSpec
@@ -177,6 +177,10 @@ class RayWeightSync:
             except RayActorError as err:
                 lost.append(refs[ref])
                 died.append(f"{refs[ref]!r} died ({type(err).__name__})")
+            except RayTaskError as err:
+                if isinstance(err.cause, NotInGroupError):  # died and restarted since it joined
+                    lost.append(refs[ref])
+                raised.append(f"{refs[ref]!r} raised {first_line(err.cause or err)}")
             except Exception as err:  # the actor's own exception, wrapped in a RayTaskError
                 raised.append(f"{refs[ref]!r} raised {first_line(getattr(err, 'cause', None) or err)}")
         silent = [f"{refs[ref]!r} did not answer within {self.config.timeout_s:g}s" for ref in pending]

@@ -51,6 +51,7 @@ from mapo_ray.data.stream import DataPosition, PromptStream
 from mapo_ray.loop import train
 from mapo_ray.models import tiny_vl_path
 from mapo_ray.rollout.actor import RolloutError, await_restart, create_rollout_actors
+from mapo_ray.sync import WeightSyncError
 from mapo_ray.sync.ray_sync import RayWeightSync
 from mapo_ray.telemetry.ledger import LEDGER_FILE, read_ledger
 from mapo_ray.telemetry.records import METRICS_FILE, read_metrics
@@ -233,6 +234,15 @@ def test_a_restarted_actor_generates_its_share_again_exactly_and_the_bound_holds
         ray.kill(actors["rollout-0"], no_restart=False)
         with pytest.raises(RolloutError, match=r"'rollout-0' .*rollout\.max_restarts is 0"):
             finish(pending, 120, revive, max_restarts=0)
+
+        # Restarted between two updates: the group it joined is not its process's, so the
+        # next update names it as lost (to bring back in a new group), not as a bug.
+        await_restart(actors["rollout-0"], "rollout-0", 120)
+        with pytest.raises(WeightSyncError, match="'rollout-0' raised rollout actor 'rollout-0' was restarted") as err:
+            sync.sync_model(model)
+        assert err.value.lost == ("rollout-0",)
+        revive(["rollout-0"])
+        assert ray.get([a.weight_version.remote() for a in actors.values()], timeout=120) == [1, 1]
     finally:
         sync.close()
         for actor in actors.values():
