@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import time
 from collections.abc import Mapping
@@ -142,7 +143,8 @@ def connect_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address="auto")
         return
-    context = start_local_ray()
+    # Ray's own INFO line on starting says less than the dashboard line below.
+    context = start_local_ray(logging_level=logging.WARNING)
     if context.dashboard_url:
         print(f"Ray dashboard: http://{context.dashboard_url} ({dashboard_login()})", flush=True)
 
@@ -159,6 +161,11 @@ def start_local_ray(**init_kwargs: Any) -> RayContext:
     # default on macOS and Windows, which it reads from RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once,
     # at import: set the flag it read.
     ray_constants.ENABLE_RAY_CLUSTER = False
+    # For the cluster's processes (they inherit this environment). One machine has no other node
+    # to be preempted, so Ray Train's preemption watcher has nothing to watch; and progress bars
+    # of model loads and saves would reach the console as one line each.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # RAY_AUTH_MODE stays as given: unset, Ray turns token mode on for this process and the
     # cluster's (setting it here, after ray's import, would reach only the cluster's).
     return ray.init(address="local", _node_ip_address=LOOPBACK, **init_kwargs)

@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import ray
 from ray.actor import ActorHandle
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
+from ray.util.annotations import RayDeprecationWarning
 
 from mapo_ray.config import RolloutConfig
 from mapo_ray.reward.group import GroupRequest
@@ -104,7 +106,10 @@ class RolloutActor:
         self.name = name
         self._engine = (engine_factory or make_engine)(cfg, str(model_path), seed)
         # A restart reloads the model folder: whatever version the run is at, these are not its weights.
-        self._restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        with warnings.catch_warnings():
+            # Ray 2.60's property reads its own deprecated ``actor_id``: nothing to change here.
+            warnings.simplefilter("ignore", RayDeprecationWarning)
+            self._restarted = ray.get_runtime_context().was_current_actor_reconstructed
         self._tokens = 0
         self._seconds = 0.0
         self._last_tokens_per_s = 0.0
