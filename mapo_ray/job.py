@@ -50,7 +50,11 @@ def job_parser(description: str) -> argparse.ArgumentParser:
         "--resume",
         help="'auto': continue from the newest checkpoint in --output; or a checkpoint folder to start from",
     )
-    parser.add_argument("--output", type=Path, help="run folder (default: runs/<preset>-<time>)")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        help="run folder (default: runs/<preset>-<time>; ~/mapo-ray/runs/<preset>-<time> in a job submitted with --working-dir)",
+    )
     return parser
 
 
