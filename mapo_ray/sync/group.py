@@ -14,7 +14,6 @@ the group's time-out) before any rank enters the backend's own all-to-all connec
 from __future__ import annotations
 
 import itertools
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal
@@ -95,18 +94,13 @@ class SyncGroup:
         host: str = "127.0.0.1",
         device: torch.device | None = None,
     ) -> SyncGroup:
-        """Start the store on a free port of ``host`` (the address receivers will dial), listening
-        on that address only."""
+        """Start the store on a free port of ``host`` (the address receivers will dial)."""
         if world_size < 2:
             raise WeightSyncError(
                 f"a weight-sync group needs a sender and at least one receiver; world_size={world_size}"
             )
         timeout = timedelta(seconds=timeout_s)
-        # A store binds every interface unless handed a bound socket, which it then owns.
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        listener = socket.create_server((host, 0), family=family)
-        port = listener.getsockname()[1]
-        store = dist.TCPStore(host, port, None, True, timeout, wait_for_workers=False, master_listen_fd=listener.detach())
+        store = dist.TCPStore(host, 0, None, True, timeout, wait_for_workers=False)
         address = GroupAddress(host, store.port, world_size, backend, timeout_s)
         return cls(store, 0, address, device)
 

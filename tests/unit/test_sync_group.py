@@ -166,13 +166,3 @@ def test_join_errors_name_the_rank_and_address():
         SyncGroup.join(type(gone)(gone.host, gone.port, 2, "gloo", 0.5), 1)
     with pytest.raises(WeightSyncError, match=r"at least one receiver; world_size=1"):
         WeightSender(1, 2048)
-
-
-def test_the_store_listens_on_its_host_address_only():
-    import psutil
-
-    sender = WeightSender(2, 2048, host="127.0.0.1", timeout_s=TIMEOUT_S)
-    listening = [c.laddr for c in psutil.Process().net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
-    sender.close()
-    # torch's own store would listen on every interface ("::" or "0.0.0.0") on this port.
-    assert [a.ip for a in listening if a.port == sender.address.port] == ["127.0.0.1"], listening
