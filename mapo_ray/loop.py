@@ -294,5 +294,8 @@ def train(
             storage_path=str(run_dir.resolve()),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=trainer.keep_checkpoints or None),
             failure_config=ray.train.FailureConfig(max_failures=trainer.max_failures),
+            # The step lines say how training goes; Ray Train's INFO lines (worker group, process
+            # group, checkpoints reported) go to its ray-train-sys-*.log in the Ray session's logs.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     ).fit()

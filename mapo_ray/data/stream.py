@@ -11,6 +11,7 @@ learner.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,8 +137,14 @@ class PromptReader:
         # A data position must name the same prompts in a resumed run: keep Ray Data's
         # output in input order (the datasets built below copy this context).
         context.execution_options.preserve_order = True
-        # One progress line per training step says more than a bar per dataset.
-        context.enable_progress_bars = False
+        # One progress line per training step says more than Ray Data's plans and progress: they
+        # go to its log file only (logs/ray-data/ in the Ray session's folder), its warnings still
+        # to the console. Without Ray's tqdm, an actor (no terminal) logs progress, not bars.
+        context.print_on_execution_start = False
+        context.use_ray_tqdm = False
+        for handler in logging.getLogger("ray.data").handlers:
+            if isinstance(handler, logging.StreamHandler):
+                handler.setLevel(logging.WARNING)
         self._stream = PromptStream(config, str(model_folder_here(tokenizer_path, "the prompt reader")), position)
         self._eval: list[Prompt] = []
         self._eval_skipped: dict[str, int] = {}

@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import ray
 from ray.actor import ActorHandle
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
+from ray.util.annotations import RayDeprecationWarning
 
 from mapo_ray.config import RolloutConfig
 from mapo_ray.models.folder import model_folder_here
@@ -108,7 +110,10 @@ class RolloutActor:
         folder = model_folder_here(model_path, f"rollout actor {name!r}")
         self._engine = (engine_factory or make_engine)(cfg, str(folder), seed)
         # A restart reloads the model folder: whatever version the run is at, these are not its weights.
-        self._restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        with warnings.catch_warnings():
+            # Ray 2.60's property reads its own deprecated ``actor_id``: nothing to change here.
+            warnings.simplefilter("ignore", RayDeprecationWarning)
+            self._restarted = ray.get_runtime_context().was_current_actor_reconstructed
         self._joined = False  # this process joined a weight-sync group (its predecessor's does not count)
         self._tokens = 0
         self._seconds = 0.0
