@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import random
 import signal
 import threading
@@ -56,7 +55,7 @@ import torch
 from safetensors.torch import load_file
 
 from mapo_ray.config import Config, load_config
-from mapo_ray.job import resolve_inputs
+from mapo_ray.job import resolve_inputs, start_local_ray
 from mapo_ray.loop import train
 from mapo_ray.rollout.actor import create_rollout_actors
 from mapo_ray.telemetry.ledger import LEDGER_FILE, read_ledger
@@ -389,9 +388,7 @@ def main() -> None:
     out = args.out / f"seed{args.seed}"
     if out.exists():
         parser.error(f"{out} exists; pick another --out")
-    # A throw-away local cluster needs no token-authenticated dashboard.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=True)
+    start_local_ray(include_dashboard=False, configure_logging=False, log_to_driver=True)
     try:
         result, chaos = chaos_run(out, args.seed, args.steps)
     finally:
