@@ -413,14 +413,14 @@ class RolloutCoordinator:
         resend = start_step > 0 or config.sft.steps > 0
         self.sync.version = start_step - 1 if resend else 0
         self._ranks_per_actor = self._sync_ranks()
+        self.logger = RunLogger(run_dir, total_steps=trainer.total_steps, start_step=start_step)
+        self.ledger = PromptLedger(run_dir, start_step)
         try:
             self._connect_sync()  # a bad address shows before the first step
         except WeightSyncError as err:
             if not err.lost:
                 raise
             # An actor died as this learner started (maybe with it): sync_weights forms the group.
-        self.logger = RunLogger(run_dir, total_steps=trainer.total_steps, start_step=start_step)
-        self.ledger = PromptLedger(run_dir, start_step)
         self.pending: deque[Launch] = deque()  # async mode: batches launched ahead
         self._read_ahead: deque[tuple[ray.ObjectRef, dict[str, ray.ObjectRef], dict[str, int]]] = deque()
         self._certainty: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -602,10 +602,9 @@ class RolloutCoordinator:
         rollout node must be able to reach."""
         self.sync.connect(self.actors, self._ranks_per_actor)
         address = self.sync.address
-        print(
+        self.logger.note(
             f"weight sync: {len(self.actors) * self._ranks_per_actor} rollout rank(s) joined the "
-            f"{address.backend} group at {address.host}:{address.port}",
-            flush=True,
+            f"{address.backend} group at {address.host}:{address.port}"
         )
 
     def _launch(self, step: int, salt: int = 0) -> Launch:

@@ -79,6 +79,10 @@ class RunLogger:
             self._ray.record(clean)
         self._progress.note(eval_line(step, clean))
 
+    def note(self, text: str) -> None:
+        """A line for the console only, between the progress lines (e.g. where the weight sync formed)."""
+        self._progress.note(text)
+
     def _write(self, step: int, metrics: Metrics) -> None:
         self._jsonl.write(step, metrics)
         for key, value in metrics.items():
