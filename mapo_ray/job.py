@@ -43,7 +43,8 @@ def job_parser(description: str) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--resume",
-        help="'auto': continue from the newest checkpoint in --output; or a checkpoint folder to start from",
+        help="'auto': continue from the newest checkpoint in --output; or a checkpoint folder to start from "
+        "(one of --output's own goes back to it: the later steps are done again)",
     )
     parser.add_argument("--output", type=Path, help="run folder (default: runs/<preset>-<time>)")
     return parser
@@ -159,15 +160,26 @@ def runs_root(environ: Mapping[str, str] = os.environ) -> Path:
 
 
 def run_folder(output: Path | None, preset: str | None, resume: str | None) -> Path:
-    """The run folder; a run with a checkpoint there needs ``--resume auto`` (never
-    overwritten silently). A folder whose run failed before its first checkpoint (Ray
-    Train has left only its storage marker) is used again, as a fresh run."""
+    """The run folder; a run with a checkpoint there needs ``--resume auto``, or
+    ``--resume`` with one of its own checkpoint folders (never overwritten silently). A
+    folder whose run failed before its first checkpoint (Ray Train has left only its
+    storage marker) is used again, as a fresh run."""
     if output is not None and not output.is_absolute() and in_working_dir_copy():
         print(f"warning: --output {output} is inside Ray's temporary copy of the working directory, "
               "deleted with the cluster; give an absolute path on lasting storage", flush=True)
     folder = output or runs_root() / f"{preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if any(p.is_dir() for p in (folder / "checkpoints").glob("checkpoint_*")) and resume != "auto":
-        raise SystemExit(f"{folder} already holds a run: pass --resume auto to continue it, or another --output")
+    checkpoints = folder / "checkpoints"
+    if any(p.is_dir() for p in checkpoints.glob("checkpoint_*")) and resume != "auto":
+        if resume is None:
+            raise SystemExit(
+                f"{folder} already holds a run: pass --resume auto to continue it, --resume with one of "
+                f"its checkpoint folders to go back to it, or another --output"
+            )
+        if Path(resume).resolve().parent != checkpoints.resolve():
+            raise SystemExit(
+                f"{folder} already holds a run, and --resume {resume} is not one of its checkpoint folders "
+                f"(in {checkpoints}): pass another --output to start from it"
+            )
     folder.mkdir(parents=True, exist_ok=True)
     return folder.resolve()
 
