@@ -7,11 +7,14 @@ bottom as recipes: arguments, Ray, config, data and model, actors, train, summar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
+import signal
+import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import ray
@@ -32,6 +35,8 @@ SYNTHETIC = "synthetic"
 RAY_JOB_CONFIG = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 # What a machine without GPUs runs by default; with GPUs the job needs a preset or config.
 CPU_PRESET = "cpu-tiny"
+# The exit status of a command stopped by Ctrl-C, as shells report it (128 + SIGINT).
+INTERRUPTED = 130
 
 
 def job_parser(description: str) -> argparse.ArgumentParser:
@@ -144,6 +149,23 @@ def connect_ray() -> None:
     context = ray.init(address="local")
     if context.dashboard_url:
         print(f"Ray dashboard: http://{context.dashboard_url}", flush=True)
+
+
+@contextlib.contextmanager
+def stop_on_startup_interrupt() -> Iterator[None]:
+    """Around a job's start-up and ``mapo_ray.loop.train``: a Ctrl-C before training
+    starts (KeyboardInterrupt: checking the inputs, downloading the model, starting Ray
+    or the actors, loading the model in the learners) stops the job at once, with Ray's
+    processes and actors of this job, and exit status 130. Once training runs, Ray
+    Train's own handler aborts the run instead."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C) during start-up: the job stops before training", file=sys.stderr, flush=True)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C would cut the clean-up short
+        # A local cluster that connect_ray started goes with it; on a cluster, the job's actors.
+        ray.shutdown()
+        raise SystemExit(INTERRUPTED) from None
 
 
 def in_working_dir_copy(environ: Mapping[str, str] = os.environ) -> bool:

@@ -42,9 +42,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import shutil
+import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import ray
@@ -61,6 +63,7 @@ from mapo_ray.learner.sft import warm_start
 
 STAGING = ".staging"  # under the run folder: each rank's checkpoint before Ray Train copies it
 CHECKPOINTS = "checkpoints"  # under the run folder: Ray Train's storage (RunConfig name)
+STARTED = ".started"  # under the run folder: rank 0 is past start-up and about to train
 # How long rank 0 waits for Ray Train to register a report before cleaning up; past it,
 # the next report cleans up instead.
 REGISTER_TIMEOUT_S = 60.0
@@ -111,6 +114,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if coordinator and trainer.eval_every:
             coordinator.logger.log_eval(0, coordinator.evaluate(0))
 
+    if learner.rank == 0:
+        (run_dir / STARTED).touch()  # a Ctrl-C from now on aborts the run; before, it stops the start-up
     for step in range(start_step + 1, trainer.total_steps + 1):
         metrics = training_step(step, config, learner, channel, coordinator)
         if step == 1:
@@ -282,6 +287,20 @@ def report(
             print(f"removed checkpoint {folder}, which Ray Train did not register", flush=True)
 
 
+SignalHandler = Callable[[int, FrameType | None], Any]
+
+
+def interrupt_until(started: Path, then: SignalHandler) -> SignalHandler:
+    """A SIGINT handler: KeyboardInterrupt until the file ``started`` exists, then ``then``'s."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if not started.exists():
+            raise KeyboardInterrupt
+        then(signum, frame)
+
+    return handler
+
+
 def resolve_run_length(config: Config, train_rows: int | None = None) -> Config:
     """``config`` with its run length in steps: unchanged when ``trainer.total_steps`` is set;
     else ``trainer.total_steps = ceil(total_epochs * train_rows / prompts_per_step)`` and
@@ -314,8 +333,21 @@ def train(
     one there after a worker failure, and when a job is started again on the same
     ``run_dir``; with ``resume_from``, that folder instead (``checkpoints_to_restore``).
     A run length in ``trainer.total_epochs`` becomes steps here (``resolve_run_length``).
+
+    Ctrl-C (SIGINT) before the loop starts its first step raises KeyboardInterrupt here
+    at once; from then on, Ray Train's handler aborts the run.
     """
     from ray.train.torch import TorchTrainer
+
+    started = run_dir / STARTED
+    started.unlink(missing_ok=True)
+
+    class Trainer(TorchTrainer):
+        def _register_sigint_handler(self, controller: ActorHandle) -> None:
+            # Ray Train's handler asks the controller to abort, which waits until the
+            # controller is done starting the workers (minutes while they load the model).
+            super()._register_sigint_handler(controller)
+            signal.signal(signal.SIGINT, interrupt_until(started, signal.getsignal(signal.SIGINT)))
 
     epochs = config.trainer.total_epochs
     config = resolve_run_length(config)
@@ -323,7 +355,7 @@ def train(
     if epochs is not None:
         print(f"trainer.total_epochs {epochs}: {trainer.total_steps} steps of {trainer.prompts_per_step} prompts", flush=True)
     use_gpu = trainer.use_gpu if trainer.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    return TorchTrainer(
+    trainer_run = Trainer(
         train_loop_per_worker,
         train_loop_config={
             "config": config,
@@ -344,4 +376,8 @@ def train(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=trainer.keep_checkpoints or None),
             failure_config=ray.train.FailureConfig(max_failures=trainer.max_failures),
         ),
-    ).fit()
+    )
+    try:
+        return trainer_run.fit()
+    finally:
+        started.unlink(missing_ok=True)
