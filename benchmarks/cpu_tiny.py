@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -20,7 +19,7 @@ from typing import Any, TypeVar
 import ray
 
 from mapo_ray.config import load_config
-from mapo_ray.job import resolve_inputs
+from mapo_ray.job import resolve_inputs, start_local_ray
 from mapo_ray.loop import train
 from mapo_ray.rollout.actor import create_rollout_actors
 from mapo_ray.telemetry.records import MetricsHistory, read_metrics
@@ -35,10 +34,8 @@ def run_all(
     """``run_one(name, seed)`` for every name and seed on a throw-away local Ray cluster,
     seed-major (a cut-short benchmark still compares like with like), printing
     ``describe(run)`` as each finishes. Returns the runs by name, in seed order."""
-    # A throw-away local cluster needs no token-authenticated dashboard; log_to_driver
-    # shows each run's progress lines (step, reward, eval) from its training worker.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=True)
+    # log_to_driver shows each run's progress lines (step, reward, eval) from its training worker.
+    start_local_ray(include_dashboard=False, configure_logging=False, log_to_driver=True)
     runs: dict[str, list[RunT]] = {name: [] for name in names}
     try:
         for seed in seeds:

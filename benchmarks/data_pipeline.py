@@ -34,6 +34,7 @@ from mapo_ray.config import DataConfig
 from mapo_ray.data import drop_skipped, open_source, plan_reads, read_unit, to_batch
 from mapo_ray.data.pipeline import PreparePrompts, PromptBatches, pixel_budget, prompt_dataset
 from mapo_ray.data.synthetic import ROW_GROUP_ROWS, SCHEMA, examples_table
+from mapo_ray.job import start_local_ray
 from mapo_ray.models.tiny import MAX_PIXELS, MIN_PIXELS, tiny_vl_path
 
 # Distinct figures; rows beyond this repeat them (the per-row work is the same).
@@ -93,8 +94,7 @@ def main() -> None:
 
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local run: no dashboard token
-    ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
+    start_local_ray(include_dashboard=False, log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "train.parquet"

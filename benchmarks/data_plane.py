@@ -112,6 +112,7 @@ from PIL import Image, ImageDraw
 from mapo_ray.config import AlgoConfig, Config, RolloutConfig, load_config
 from mapo_ray.coordinator import RankChannel, RolloutCoordinator, succeeded
 from mapo_ray.data.stream import DataPosition, PromptStream
+from mapo_ray.job import start_local_ray
 from mapo_ray.learner import Experience, batch_advantages, shard_by_group
 from mapo_ray.models.tiny import tiny_vl_path
 from mapo_ray.reward import GroupRequest, GroupResult
@@ -673,7 +674,6 @@ def main() -> None:
     sizes = list(QUICK_SIZES) if args.quick else [int(s) for s in args.sizes.split(",")]
     designs = DESIGNS if args.design == "both" else (args.design,)
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local run: no dashboard token
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     model_path = str(tiny_vl_path())
     with tempfile.TemporaryDirectory(prefix="data-plane-") as tmp:
@@ -682,9 +682,7 @@ def main() -> None:
         started = time.perf_counter()
         write_data(data, rows, args.seed)
         print(f"wrote {rows} rows ({data.stat().st_size / MB:.0f} MB) in {time.perf_counter() - started:.0f}s", flush=True)
-        ray.init(
-            address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False
-        )
+        start_local_ray(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
         results: dict[int, dict[str, dict[str, Any]]] = {}
         try:
             base = bench_config(data, sizes[0], args.group_size, args.rollout_actors)

@@ -42,6 +42,22 @@ class ConfigError(ValueError):
     """A config key or value that does not fit the schema."""
 
 
+# Ray's own resources, each with its own key in a section (CPUs, GPUs) or not requested here.
+_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def _check_resources(key: str, resources: dict[str, float]) -> None:
+    """Raise ValueError naming ``key`` unless ``resources`` are custom Ray resources: names
+    other than Ray's built-in ones, amounts finite and at least 0.0001 (Ray's precision)."""
+    for name, amount in resources.items():
+        if not name or name in _BUILTIN_RESOURCES:
+            raise ValueError(
+                f"{key} holds custom Ray resources; {name!r} is not one (CPUs and GPUs have keys of their own)"
+            )
+        if not 1e-4 <= amount < float("inf"):
+            raise ValueError(f"{key}: resource {name!r} must be a finite amount >= 0.0001, got {amount}")
+
+
 @dataclass
 class AlgoConfig:
     """Advantage estimator, policy loss, KL term and rollout correction (``mapo_ray.algo``)."""
@@ -184,6 +200,9 @@ class RewardConfig:
     labels: list[str] = field(default_factory=list)
     num_workers: int = 2
     cpus_per_worker: float = 1.0
+    # Custom Ray resources each reward actor also reserves, e.g. {"rollout_node": 0.01} to keep
+    # them on the nodes started with `ray start --resources='{"rollout_node": 100}'`.
+    resources: dict[str, float] = field(default_factory=dict)
     # Wall-clock limit of one grading; past it the rollout gets 0, counted as a timeout.
     grading_timeout_s: float = 5.0
     # Backstop for a whole group's actor call (a stuck actor); must allow a group's gradings.
@@ -228,6 +247,7 @@ class RewardConfig:
                 raise ValueError(f"reward.{name} must be positive, got {getattr(self, name)}")
         if self.max_retries < 0:
             raise ValueError(f"reward.max_retries must be >= 0, got {self.max_retries}")
+        _check_resources("reward.resources", self.resources)
         if self.grading_memory_mb is not None and 0 < self.grading_memory_mb < MIN_GRADING_MEMORY_MB:
             # Below this the grading process cannot even import Python, SymPy and math-verify.
             raise ValueError(
@@ -287,6 +307,9 @@ class RolloutConfig:
     device: Literal["cpu", "cuda"] = "cpu"
     num_cpus_per_actor: float = 1.0
     num_gpus_per_actor: float | None = None
+    # Custom Ray resources each actor also reserves: its placement, e.g. {"rollout_node": 1}
+    # for the nodes started with `ray start --resources='{"rollout_node": 4}'`.
+    resources: dict[str, float] = field(default_factory=dict)
     # vLLM only: GPUs (worker processes) one model copy is split over; each is a sync rank.
     tensor_parallel_size: int = 1
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -325,6 +348,7 @@ class RolloutConfig:
                 raise ValueError(f"rollout.{name} must be positive, got {getattr(self, name)}")
         if self.max_restarts < 0:
             raise ValueError(f"rollout.max_restarts must be >= 0, got {self.max_restarts}")
+        _check_resources("rollout.resources", self.resources)
         if not self.temperature >= 0:
             raise ValueError(f"rollout.temperature must be >= 0, got {self.temperature}")
         if self.temperature == 0 and self.group_size != 1:
@@ -436,6 +460,9 @@ class TrainerConfig:
     cpus_per_learner: float = 1.0
     gpus_per_learner: float = 1.0
     use_gpu: bool | None = None
+    # Custom Ray resources each learner worker also reserves (Ray Train's resources_per_worker),
+    # e.g. {"learner_node": 1} to keep the learner on the nodes that have that resource.
+    resources_per_learner: dict[str, float] = field(default_factory=dict)
     # DAPO's dynamic sampling: drop groups whose accuracy is all 0 or all 1 and sample more
     # prompts, at most max_extra_rounds more rollout rounds per step.
     dynamic_sampling: bool = False
@@ -470,6 +497,7 @@ class TrainerConfig:
         for name in ("max_extra_rounds", "eval_every", "keep_checkpoints", "max_failures"):
             if getattr(self, name) < 0:
                 raise ValueError(f"trainer.{name} must be >= 0, got {getattr(self, name)}")
+        _check_resources("trainer.resources_per_learner", self.resources_per_learner)
         if self.eval_prompts is not None and self.eval_prompts <= 0:
             raise ValueError(f"trainer.eval_prompts must be positive or null, got {self.eval_prompts}")
         if not 0 <= self.eval_temperature < float("inf"):

@@ -47,6 +47,7 @@ from mapo_ray.reward.group import RequestRef
 from mapo_ray.reward.pool import RewardPool
 from mapo_ray.rollout.actor import RolloutError, await_restart, gather, rollout_returns
 from mapo_ray.rollout.engine import sampling_params
+from mapo_ray.sync import WeightSyncError
 from mapo_ray.sync.ray_sync import RayWeightSync
 from mapo_ray.telemetry import RunLogger
 from mapo_ray.telemetry.ledger import PromptLedger
@@ -412,12 +413,18 @@ class RolloutCoordinator:
         resend = start_step > 0 or config.sft.steps > 0
         self.sync.version = start_step - 1 if resend else 0
         self._ranks_per_actor = self._sync_ranks()
-        self.sync.connect(self.actors, self._ranks_per_actor)
+        try:
+            self._connect_sync()  # a bad address shows before the first step
+        except WeightSyncError as err:
+            if not err.lost:
+                raise
+            # An actor died as this learner started (maybe with it): sync_weights forms the group.
         self.logger = RunLogger(run_dir, total_steps=trainer.total_steps, start_step=start_step)
         self.ledger = PromptLedger(run_dir, start_step)
         self.pending: deque[Launch] = deque()  # async mode: batches launched ahead
         self._read_ahead: deque[tuple[ray.ObjectRef, dict[str, ray.ObjectRef], dict[str, int]]] = deque()
         self._certainty: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._restarts = 0  # rollout actors restarted since step_metrics last read them
 
     def next_batch(self, step: int) -> tuple[Shard, dict[str, float]]:
         """Roll out, score and deal step ``step``'s batch; post the other ranks' shards.
@@ -435,7 +442,7 @@ class RolloutCoordinator:
         generated = self._finish(batch)
         taken: Taken = ray.get(batch.taken, timeout=self.config.rollout.call_timeout_s)
         scored = list(zip(taken.uids, taken.epochs))
-        restarts = batch.restarts
+        self._restarts += batch.restarts
         if trainer.mode == "async":
             ahead = step + len(self.pending) + 1
             while len(self.pending) < trainer.max_staleness and ahead <= trainer.total_steps:
@@ -458,7 +465,7 @@ class RolloutCoordinator:
                 extra_results = self._score(extra)
                 extra_taken: Taken = ray.get(extra_launch.taken, timeout=self.config.rollout.call_timeout_s)
                 scored += zip(extra_taken.uids, extra_taken.epochs)
-                restarts += extra_launch.restarts
+                self._restarts += extra_launch.restarts
                 kept = keep_informative(extra_results, algo)
                 generated += [extra[i] for i in kept]
                 results += [extra_results[i] for i in kept]
@@ -470,7 +477,6 @@ class RolloutCoordinator:
                 raise RuntimeError(f"step {step}: dynamic sampling kept no group in {rounds + 1} rounds")
         metrics["time/reward_s"] = time.perf_counter() - reward_start
         metrics["perf/tokens_per_s"] = tokens / max(metrics["time/generate_s"], 1e-9)
-        metrics["rollout/restarts"] = float(restarts)
         self.ledger.record(step, scored)
 
         metrics.update(staleness_metrics(self.sync.version, [v for g in generated for v in g.summary.weight_versions]))
@@ -488,15 +494,18 @@ class RolloutCoordinator:
         )
         return self.channel.post(shards), metrics
 
-    def certainty_metrics(self, max_abs_advantage: float) -> dict[str, float]:
-        """``certainty/*`` of the last batch dealt; ``max_abs_advantage`` is the largest over all ranks."""
-        assert self._certainty is not None, "certainty_metrics before next_batch"
+    def step_metrics(self, max_abs_advantage: float) -> dict[str, float]:
+        """What is known once the step's update and sync are done: ``certainty/*`` of the last
+        batch dealt (``max_abs_advantage`` is the largest over all ranks) and the rollout
+        actors restarted during the step's rollouts and weight sync."""
+        assert self._certainty is not None, "step_metrics before next_batch"
         scores, group_ids, success = self._certainty
         algo = self.config.algo
         diagnostics = advantage_diagnostics(
             scores, group_ids, torch.tensor([max_abs_advantage]), success=success, std=algo.std, eps=algo.eps
         )
-        return diagnostics.metrics()
+        restarts, self._restarts = self._restarts, 0
+        return {**diagnostics.metrics(), "rollout/restarts": float(restarts)}
 
     def evaluate(self, step: int) -> dict[str, float]:
         """Accuracy and format rate on the evaluation prompts (one response each)."""
@@ -525,10 +534,38 @@ class RolloutCoordinator:
             **{f"eval/skipped/{reason}": float(n) for reason, n in self.eval_skipped.items()},
         }
 
-    def sync_weights(self, policy: torch.nn.Module) -> int:
-        """Send ``policy`` to every rollout actor; returns the new weight version. Under ZeRO-3
-        the other ranks gather with it (``named_parameters_for_sync``)."""
-        return self.sync.sync_model(policy)
+    def sync_weights(self, policy: torch.nn.Module, *, again: bool = False, lost: Sequence[str] = ()) -> int:
+        """Send ``policy`` to every rollout actor; returns its weight version.
+
+        Under ZeRO-3 the other ranks gather with it (``named_parameters_for_sync``): for a
+        step's update they are in their part of the sync already; for any other send they
+        are told first (``announce_sync``). An actor lost during the sync (its process
+        died; Ray restarts it) is waited for, every actor joins a new group, since a torch
+        process group cannot take a new member, and the update is sent again: at most
+        ``rollout.max_restarts`` restarts per sync, counted in ``rollout/restarts``.
+
+        ``lost``: actors known to be restarting, to wait for and bring into a new group
+        first. ``again``: send the current version once more, for such actors.
+        """
+        config = self.config
+        announce, restarts = bool(lost), 0
+        while True:
+            try:
+                if lost or not self.sync.connected:
+                    for name in lost:
+                        await_restart(self.actors[name], name, config.sync.timeout_s)
+                    self._connect_sync()
+                    lost = ()
+                # Nothing may fail between this and the send: each announcement is one gather.
+                if announce:
+                    self.channel.announce_sync()
+                return self.sync.sync_model(policy, again=again)
+            except WeightSyncError as err:
+                if not err.lost or restarts + len(err.lost) > config.rollout.max_restarts:
+                    raise
+                restarts += len(err.lost)
+                self._restarts += len(err.lost)
+                lost, announce = err.lost, True
 
     def take_prompts(self, n: int) -> list[Prompt]:
         """The next ``n`` training prompts, in hand (for the supervised warm-start)."""
@@ -560,6 +597,17 @@ class RolloutCoordinator:
             raise RolloutError(f"rollout actors hold different numbers of weight-sync ranks ({held}); make them alike")
         return ranks[0]
 
+    def _connect_sync(self) -> None:
+        """Form the weight-sync group with every actor, and print its address: the one every
+        rollout node must be able to reach."""
+        self.sync.connect(self.actors, self._ranks_per_actor)
+        address = self.sync.address
+        print(
+            f"weight sync: {len(self.actors) * self._ranks_per_actor} rollout rank(s) joined the "
+            f"{address.backend} group at {address.host}:{address.port}",
+            flush=True,
+        )
+
     def _launch(self, step: int, salt: int = 0) -> Launch:
         config = self.config
         params = sampling_params(config.rollout, derive_seed(derive_seed(config.seed, _TRAIN_SEED), step * 1000 + salt))
@@ -581,12 +629,7 @@ class RolloutCoordinator:
         config = self.config
 
         def revive(names: list[str]) -> None:
-            for name in names:
-                await_restart(self.actors[name], name, config.sync.timeout_s)
-            # A torch process group cannot take a new member: every actor joins a new one.
-            self.channel.announce_sync()
-            self.sync.connect(self.actors, self._ranks_per_actor)
-            self.sync.sync_model(self._policy(), again=True)
+            self.sync_weights(self._policy(), again=True, lost=names)
 
         return finish(pending, config.rollout.call_timeout_s, revive, config.rollout.max_restarts)
 

@@ -617,8 +617,8 @@ def check_auth(env: Mapping[str, str], home: Path) -> Check:
         )
     if raw is None:
         return Check(
-            name, OK, f"mode unset; {where}: a new local ray.init() turns token mode on and writes ~/.ray/auth_token "
-            "(jobs/train_*.py start theirs with RAY_AUTH_MODE=disabled)",
+            name, OK, f"mode unset; {where}: a new local ray.init() (jobs/train_*.py's too) turns token mode on "
+            "and writes ~/.ray/auth_token when there is none",
         )
     return Check(name, OK if mode == "disabled" else WARN, f"mode {mode}; {where}")
 

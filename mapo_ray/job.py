@@ -10,15 +10,19 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import signal
 import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import ray
 import torch
+from ray._private import ray_constants
+from ray._private.worker import RayContext
 
 from mapo_ray.algo import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES, ROLLOUT_CORRECTIONS
 from mapo_ray.config import TINY_VL, Config, ConfigError, load_config
@@ -35,6 +39,7 @@ SYNTHETIC = "synthetic"
 RAY_JOB_CONFIG = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 # What a machine without GPUs runs by default; with GPUs the job needs a preset or config.
 CPU_PRESET = "cpu-tiny"
+LOOPBACK = "127.0.0.1"
 # The exit status of a command stopped by Ctrl-C, as shells report it (128 + SIGINT).
 INTERRUPTED = 130
 
@@ -51,7 +56,11 @@ def job_parser(description: str) -> argparse.ArgumentParser:
         help="'auto': continue from the newest checkpoint in --output; or a checkpoint folder to start from "
         "(one of --output's own goes back to it: the later steps are done again)",
     )
-    parser.add_argument("--output", type=Path, help="run folder (default: runs/<preset>-<time>)")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        help="run folder (default: runs/<preset>-<time>; ~/mapo-ray/runs/<preset>-<time> in a job submitted with --working-dir)",
+    )
     return parser
 
 
@@ -138,17 +147,47 @@ def job_preset(args: argparse.Namespace, default_preset: str | None = None) -> s
 
 def connect_ray() -> None:
     """Join the cluster this job runs in (``ray job submit`` sets RAY_ADDRESS), else start a
-    new local one: never one that an earlier ``ray start`` left behind on this machine."""
+    new local one (``start_local_ray``)."""
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address="auto")
         return
-    # A local throw-away cluster: let its dashboard open without Ray 2.60's token.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    context = ray.init(address="local")
+    # Ray's own INFO line on starting says less than the dashboard line below.
+    context = start_local_ray(logging_level=logging.WARNING)
     if context.dashboard_url:
-        print(f"Ray dashboard: http://{context.dashboard_url}", flush=True)
+        print(f"Ray dashboard: http://{context.dashboard_url} ({dashboard_login()})", flush=True)
+
+
+def start_local_ray(**init_kwargs: Any) -> RayContext:
+    """Start a new local Ray cluster, never one that an earlier ``ray start`` left behind on
+    this machine, whose every server (GCS, raylet and object manager, workers, dashboard and
+    its agents) listens on 127.0.0.1 only, with Ray's token authentication on unless
+    RAY_AUTH_MODE=disabled (the token: RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH, else
+    ~/.ray/auth_token, which Ray writes when there is none). ``init_kwargs`` go to ``ray.init``.
+    """
+    # Ray binds its servers to loopback only when the node's IP is 127.0.0.1, and on Linux it
+    # keeps that IP (rather than the machine's address) only in its single-machine mode, its
+    # default on macOS and Windows, which it reads from RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once,
+    # at import: set the flag it read.
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    # For the cluster's processes (they inherit this environment). One machine has no other node
+    # to be preempted, so Ray Train's preemption watcher has nothing to watch; and progress bars
+    # of model loads and saves would reach the console as one line each.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # RAY_AUTH_MODE stays as given: unset, Ray turns token mode on for this process and the
+    # cluster's (setting it here, after ray's import, would reach only the cluster's).
+    return ray.init(address="local", _node_ip_address=LOOPBACK, **init_kwargs)
+
+
+def dashboard_login(environ: Mapping[str, str] = os.environ) -> str:
+    """How to log in to the dashboard of a cluster that ``start_local_ray`` started (never the token)."""
+    if environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+        return f"RAY_AUTH_MODE={environ['RAY_AUTH_MODE']}: no token asked"
+    if environ.get("RAY_AUTH_TOKEN"):
+        return "its token is in RAY_AUTH_TOKEN"
+    return f"its token is in {environ.get('RAY_AUTH_TOKEN_PATH') or Path.home() / '.ray' / 'auth_token'}"
 
 
 @contextlib.contextmanager

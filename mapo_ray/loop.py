@@ -209,7 +209,7 @@ def training_step(
     metrics["time/sync_s"] = time.perf_counter() - sync_start
 
     if coordinator:
-        metrics.update(coordinator.certainty_metrics(adv_max_abs))
+        metrics.update(coordinator.step_metrics(adv_max_abs))
         metrics["adv/mean"] = adv_mean
         metrics["adv/max_abs"] = adv_max_abs
     metrics["step"] = float(step)
@@ -368,13 +368,20 @@ def train(
         scaling_config=ray.train.ScalingConfig(
             num_workers=trainer.num_learners,
             use_gpu=use_gpu,
-            resources_per_worker={"CPU": trainer.cpus_per_learner, **({"GPU": trainer.gpus_per_learner} if use_gpu else {})},
+            resources_per_worker={
+                "CPU": trainer.cpus_per_learner,
+                **({"GPU": trainer.gpus_per_learner} if use_gpu else {}),
+                **trainer.resources_per_learner,
+            },
         ),
         run_config=ray.train.RunConfig(
             name=CHECKPOINTS,
             storage_path=str(run_dir.resolve()),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=trainer.keep_checkpoints or None),
             failure_config=ray.train.FailureConfig(max_failures=trainer.max_failures),
+            # The step lines say how training goes; Ray Train's INFO lines (worker group, process
+            # group, checkpoints reported) go to its ray-train-sys-*.log in the Ray session's logs.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
     try:

@@ -11,6 +11,7 @@ learner.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ import ray
 from mapo_ray.config import Config
 from mapo_ray.data.errors import DataError
 from mapo_ray.data.pipeline import PromptBatches, open_split, prompt_dataset
+from mapo_ray.models.folder import model_folder_here
 from mapo_ray.types import Prompt, prompts_from_batch
 
 
@@ -135,9 +137,15 @@ class PromptReader:
         # A data position must name the same prompts in a resumed run: keep Ray Data's
         # output in input order (the datasets built below copy this context).
         context.execution_options.preserve_order = True
-        # One progress line per training step says more than a bar per dataset.
-        context.enable_progress_bars = False
-        self._stream = PromptStream(config, tokenizer_path, position)
+        # One progress line per training step says more than Ray Data's plans and progress: they
+        # go to its log file only (logs/ray-data/ in the Ray session's folder), its warnings still
+        # to the console. Without Ray's tqdm, an actor (no terminal) logs progress, not bars.
+        context.print_on_execution_start = False
+        context.use_ray_tqdm = False
+        for handler in logging.getLogger("ray.data").handlers:
+            if isinstance(handler, logging.StreamHandler):
+                handler.setLevel(logging.WARNING)
+        self._stream = PromptStream(config, str(model_folder_here(tokenizer_path, "the prompt reader")), position)
         self._eval: list[Prompt] = []
         self._eval_skipped: dict[str, int] = {}
         if config.trainer.eval_every:

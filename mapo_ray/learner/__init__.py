@@ -8,6 +8,15 @@
 - ``learner``: ``Learner``, the per-rank state holder used inside a Ray Train worker
 """
 
+import os
+
+import torch
+
+# DeepSpeed picks its accelerator when imported and warns when it falls back to the CPU; where
+# torch sees no GPU, name the CPU first (a DS_ACCELERATOR already set is kept).
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
 from mapo_ray.learner.collate import PolicyInputs, VisionInput, collate, encode_images
 from mapo_ray.learner.deepspeed_setup import deepspeed_config, init_single_process, lr_factor
 from mapo_ray.learner.experience import (

@@ -14,9 +14,14 @@ checkpoints.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import math
 import os
+import re
 import socket
+from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
@@ -27,6 +32,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, PreTrainedModel
 
 from mapo_ray.config import LearnerConfig
+
+logger = logging.getLogger(__name__)
 
 
 def init_single_process(backend: str | None = None) -> None:
@@ -138,19 +145,41 @@ def build_policy_engine(
     schedule = partial(
         lr_factor, warmup_steps=cfg.lr_warmup_steps, decay_steps=cfg.lr_decay_steps, min_ratio=cfg.min_lr_ratio
     )
-    engine, *_ = deepspeed.initialize(
-        model=module,
-        model_parameters=trainable,
-        optimizer=lambda params: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
-        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
-        config=deepspeed_config(cfg, world_size),
-    )
+    with _op_builds_to_log():
+        engine, *_ = deepspeed.initialize(
+            model=module,
+            model_parameters=trainable,
+            optimizer=lambda params: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
+            lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
+            config=deepspeed_config(cfg, world_size),
+        )
     return engine
 
 
 def build_reference(module: nn.Module, cfg: LearnerConfig, world_size: int, device: torch.device) -> nn.Module:
     """The frozen reference: sharded by a DeepSpeed inference engine under ZeRO-3, else a plain copy on ``device``."""
     if cfg.zero_stage == 3:
-        engine, *_ = deepspeed.initialize(model=module, config=deepspeed_config(cfg, world_size, train=False))
+        with _op_builds_to_log():
+            engine, *_ = deepspeed.initialize(model=module, config=deepspeed_config(cfg, world_size, train=False))
         return engine
     return module.to(device)
+
+
+@contextlib.contextmanager
+def _op_builds_to_log() -> Iterator[None]:
+    """DeepSpeed prints "DeepSpeed <op> built successfully" to stdout, which Ray forwards to
+    the job's console, each time it loads an op: those lines go to this module's log
+    instead; anything else printed meanwhile is printed as it was."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured):
+            yield
+    finally:
+        for line in captured.getvalue().splitlines():
+            if _OP_BUILT.fullmatch(line):
+                logger.info("%s", line)
+            else:
+                print(line, flush=True)
+
+
+_OP_BUILT = re.compile(r"DeepSpeed \S+ built successfully")

@@ -38,6 +38,7 @@ from mapo_ray.learner.deepspeed_setup import build_policy_engine, build_referenc
 from mapo_ray.learner.experience import Experience, split_minibatches, token_budget_micro_batches
 from mapo_ray.learner.logprobs import ResponseLogProbs
 from mapo_ray.learner.rng import rng_state, set_rng_state
+from mapo_ray.models.folder import model_folder_here
 from mapo_ray.sync import named_parameters_for_sync
 from mapo_ray.types import derive_seed
 
@@ -67,8 +68,8 @@ class Learner:
                 "or call mapo_ray.learner.init_single_process() first"
             )
         self.config = config
-        self.model_path = Path(model_path)
         self.rank = dist.get_rank()
+        self.model_path = model_folder_here(model_path, f"learner rank {self.rank}")
         self.world_size = dist.get_world_size()
         self.step = 0  # completed ``update`` calls
         # "none", or the correction whose weights (pi_old / mu) enter every policy loss.

@@ -45,12 +45,15 @@ class Graded:
     """The outcome of grading one response.
 
     Exactly one of ``scores`` (component name -> finite float, with ``"overall"``)
-    and ``failure`` is set; ``error`` says what went wrong for the log.
+    and ``failure`` is set; ``error`` says what went wrong for the log. ``regraded``:
+    the grading process was killed from outside during a first try (see
+    ``sandbox.TimedGrader``), and this is the second.
     """
 
     scores: dict[str, float] | None = None
     failure: FailureKind | None = None
     error: str = ""
+    regraded: bool = False
 
     @staticmethod
     def failed(kind: FailureKind, error: str) -> Graded:

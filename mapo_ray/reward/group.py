@@ -56,13 +56,15 @@ class GroupResult:
     ``scores[i]`` holds every component the reward function returned, including
     ``"overall"``; a failed response has only ``{"overall": 0.0}`` and
     ``failures[i]`` names why (None when graded). ``retries`` counts the calls
-    that were lost with their reward actor and made again on another.
+    that were lost with their reward actor and made again on another; ``regraded``
+    the responses graded again after their grading process was killed.
     """
 
     uid: str
     scores: list[dict[str, float]]
     failures: list[FailureKind | None]
     retries: int = 0
+    regraded: int = 0
 
     @property
     def rewards(self) -> list[float]:
@@ -95,23 +97,27 @@ def grade_group(request: GroupRequest, grade: Callable[[str, str], Graded]) -> G
     raises; see ``sandbox.TimedGrader``), turning failures into reward 0."""
     scores: list[dict[str, float]] = []
     failures: list[FailureKind | None] = []
+    regraded = 0
     for index, response in enumerate(request.responses):
         graded = grade(response, request.answer)
         if graded.failure is not None:
             log_failure(graded.failure, graded.error, request.uid, index, response, request.answer)
         scores.append(graded.scores if graded.scores is not None else {"overall": 0.0})
         failures.append(graded.failure)
-    return GroupResult(uid=request.uid, scores=scores, failures=failures)
+        regraded += graded.regraded
+    return GroupResult(uid=request.uid, scores=scores, failures=failures, regraded=regraded)
 
 
 def failure_metrics(results: Iterable[GroupResult]) -> dict[str, int]:
     """``reward/failed/<kind>`` counts over ``results`` (every kind present, zeros
     included, so a dashboard shows a flat line rather than a gap), plus
     ``reward/graded``, the number of responses graded without failure, and
-    ``reward/retried``, the group calls made again after their actor died."""
+    ``reward/retried``, the group calls made again after their actor died, and
+    ``reward/regraded``, the responses graded again after their grading process was killed."""
     results = list(results)
     counts = Counter(kind for result in results for kind in result.failures)
     metrics = {f"reward/failed/{kind}": counts[kind] for kind in FAILURE_KINDS}
     metrics["reward/graded"] = counts[None]
     metrics["reward/retried"] = sum(result.retries for result in results)
+    metrics["reward/regraded"] = sum(result.regraded for result in results)
     return metrics

@@ -158,7 +158,8 @@ class RewardPool:
         self._await_ready([self._actors[slot]])
 
     def _spawn(self) -> ray.actor.ActorHandle:
-        return RewardWorker.options(num_cpus=self._config.cpus_per_worker).remote(self._config)
+        config = self._config
+        return RewardWorker.options(num_cpus=config.cpus_per_worker, resources=config.resources).remote(config)
 
     def _await_ready(self, actors: list[ray.actor.ActorHandle]) -> None:
         try:

@@ -45,6 +45,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
@@ -63,6 +64,8 @@ from typing import Any
 from mapo_ray.config import RewardConfig, from_dict
 from mapo_ray.reward.contract import Graded, call_reward_fn
 from mapo_ray.reward.functions import load_reward_fn
+
+logger = logging.getLogger(__name__)
 
 _HEADER = struct.Struct(">Q")
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
@@ -90,6 +93,11 @@ class TimedGrader:
     errors, overruns (wall clock, CPU time, memory), NaN and a dead process all come
     back as a ``Graded`` failure; the process is replaced after an overrun, a memory
     failure or its death. It runs under the limits in the module docstring.
+
+    A process killed from outside (SIGKILL or SIGTERM: an operator, the node's OOM
+    killer) says nothing about the response, so that one grading is done again on a
+    fresh process, within its own time limit, and marked ``regraded``; an input that
+    kills it twice is a failure.
     Use as a context manager, or call ``close``; a grader that is garbage-collected
     kills its process too.
     """
@@ -105,6 +113,15 @@ class TimedGrader:
 
     def grade(self, response: str, answer: str) -> Graded:
         """Score one response; see the class docstring for what can come back."""
+        graded, code = self._grade(response, answer)
+        if code in (-signal.SIGKILL, -signal.SIGTERM):
+            logger.warning("grading process killed by signal %d during a grading; grading it again", -code)
+            graded, _ = self._grade(response, answer)
+            graded = dataclasses.replace(graded, regraded=True)
+        return graded
+
+    def _grade(self, response: str, answer: str) -> tuple[Graded, int | None]:
+        """One try: the outcome, and the process's exit code if it died during it."""
         limit = self._config.grading_timeout_s
         with self._lock:
             if self._proc is None or self._proc.poll() is not None:
@@ -116,15 +133,16 @@ class TimedGrader:
                 reply = _read_frame(self._proc.stdout.fileno(), deadline)
             except TimeoutError:
                 self._stop()
-                return Graded.failed("timeout", f"grading took longer than {limit:g} s")
+                return Graded.failed("timeout", f"grading took longer than {limit:g} s"), None
             except (EOFError, OSError):
-                return self._died(self._stop())
+                code = self._stop()
+                return self._died(code), code
             graded = Graded(**reply)
             if graded.failure == "memory":
                 # What ran out of memory may have left the process half-changed (a cache
                 # filled part-way): the next grading gets a fresh one.
                 self._stop()
-        return graded
+        return graded, None
 
     def _died(self, code: int | None) -> Graded:
         """The failure of a grading whose process died with exit ``code``."""

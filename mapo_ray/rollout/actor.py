@@ -9,7 +9,9 @@ only a small ``GroupSummary`` per group comes back to the caller. ``generate``
 returns whole groups, for callers that want them in hand. Weight updates
 (``join_weight_sync`` / ``receive_weights``, the methods
 ``mapo_ray.sync.ray_sync.RayWeightSync`` calls) fit between two calls, and the caller
-decides how stale a batch may be.
+decides how stale a batch may be. The ``GroupAddress`` that ``join_weight_sync`` gets
+holds the group's secret: it goes on to the engine (and from a vLLM engine to its workers,
+pickled through ``collective_rpc``) and into no log.
 
 An engine error comes back as ``RolloutError`` naming the actor; ``collect`` turns a
 dead, failing or silent actor into one ``RolloutError`` naming each of them.
@@ -27,18 +29,21 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import ray
 from ray.actor import ActorHandle
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
+from ray.util.annotations import RayDeprecationWarning
 
 from mapo_ray.config import RolloutConfig
+from mapo_ray.models.folder import model_folder_here
 from mapo_ray.reward.group import GroupRequest
 from mapo_ray.rollout.engine import RolloutEngine, make_engine
 from mapo_ray.sync import GroupAddress, SyncPlan
-from mapo_ray.sync.errors import first_line
+from mapo_ray.sync.errors import NotInGroupError, first_line
 from mapo_ray.types import Group, GroupPayload, GroupSummary, Prompt, SamplingParams, count_tokens
 
 
@@ -102,9 +107,14 @@ class RolloutActor:
         engine_factory: EngineFactory | None = None,
     ) -> None:
         self.name = name
-        self._engine = (engine_factory or make_engine)(cfg, str(model_path), seed)
+        folder = model_folder_here(model_path, f"rollout actor {name!r}")
+        self._engine = (engine_factory or make_engine)(cfg, str(folder), seed)
         # A restart reloads the model folder: whatever version the run is at, these are not its weights.
-        self._restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        with warnings.catch_warnings():
+            # Ray 2.60's property reads its own deprecated ``actor_id``: nothing to change here.
+            warnings.simplefilter("ignore", RayDeprecationWarning)
+            self._restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        self._joined = False  # this process joined a weight-sync group (its predecessor's does not count)
         self._tokens = 0
         self._seconds = 0.0
         self._last_tokens_per_s = 0.0
@@ -141,8 +151,12 @@ class RolloutActor:
 
     def join_weight_sync(self, address: GroupAddress, first_rank: int) -> None:
         self._engine.join_weight_sync(address, first_rank)
+        self._joined = True
 
     def receive_weights(self, plan: SyncPlan) -> int:
+        if not self._joined:
+            # The group's sender waits on this actor's rank, which only a new group can fill.
+            raise NotInGroupError(f"rollout actor {self.name!r} was restarted since the weight-sync group formed")
         version = self._engine.receive_weights(plan)
         self._restarted = False
         return version
@@ -169,7 +183,8 @@ def create_rollout_actors(
     prefix: str = "rollout",
     engine_factory: EngineFactory | None = None,
 ) -> dict[str, ActorHandle]:
-    """``cfg.num_actors`` actors named ``{prefix}-{i}``, each with its resources and engine seed ``seed + i``;
+    """``cfg.num_actors`` actors named ``{prefix}-{i}``, each with its CPUs, GPUs and custom resources
+    (``cfg.resources``, its placement) and engine seed ``seed + i``;
     restartable by Ray when ``cfg.max_restarts`` > 0. ``engine_factory``: see ``RolloutActor``."""
     # Ray restarts a dead actor as often as it dies; how many restarts one batch may
     # wait for is the loop's bound (cfg.max_restarts), since a long run may lose many.
@@ -178,7 +193,7 @@ def create_rollout_actors(
     for i in range(cfg.num_actors):
         name = f"{prefix}-{i}"
         options = RolloutActor.options(
-            num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.gpus_per_actor, max_restarts=restarts
+            num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.gpus_per_actor, resources=cfg.resources, max_restarts=restarts
         )
         actors[name] = options.remote(name, cfg, str(model_path), seed + i, engine_factory)
     return actors

@@ -2,7 +2,9 @@
 and a bucketed broadcast of the policy weights over it.
 
 - ``plan``: which tensor goes in which bucket at which offset (pure, no group)
-- ``group``: the group itself, built without touching ``torch.distributed``'s default group
+- ``group``: the group itself, built without touching ``torch.distributed``'s default group;
+  its store listens on the group's host only and admits only holders of the group's secret
+- ``sealed``: the store view that seals every value with that secret
 - ``sender`` / ``receiver``: the two ends, plain torch (no Ray), so a receiver can live
   in a Ray actor or inside a vLLM worker process
 - ``params``: a model's parameters to send, ZeRO-3 partitions gathered chunk by chunk
@@ -12,7 +14,7 @@ and a bucketed broadcast of the policy weights over it.
 does not import Ray, so a vLLM worker can import the receiver without it.
 """
 
-from mapo_ray.sync.errors import WeightSyncError
+from mapo_ray.sync.errors import NotInGroupError, WeightSyncError
 from mapo_ray.sync.group import GroupAddress, SyncGroup
 from mapo_ray.sync.params import named_parameters_for_sync, parameter_specs
 from mapo_ray.sync.plan import Bucket, Slot, SyncPlan, TensorSpec, plan_buckets, slot_view, tensor_spec
@@ -23,6 +25,7 @@ __all__ = [
     "Bucket",
     "GroupAddress",
     "LoadWeights",
+    "NotInGroupError",
     "Slot",
     "SyncGroup",
     "SyncPlan",

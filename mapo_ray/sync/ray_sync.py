@@ -7,6 +7,10 @@ per vLLM tensor-parallel worker, ranks ``first_rank .. first_rank + ranks_per_ac
     def join_weight_sync(self, address: GroupAddress, first_rank: int) -> None: ...
     def receive_weights(self, plan: SyncPlan) -> int: ...  # the version it loaded
 
+The ``GroupAddress`` of ``join_weight_sync`` carries the group's secret, so the store
+on learner rank 0's node IP (``ray.util.get_node_ip_address``, where it alone listens)
+admits only the actors that Ray's authenticated channel reached (see ``group``).
+
 The update's metadata (the ``SyncPlan``: names, shapes, dtypes, bucket offsets and
 version) rides on the ``receive_weights`` call itself. That call has to be made
 anyway to tell the actor to start receiving, so the plan costs no extra round trip
@@ -23,8 +27,11 @@ Every wait has the configured time-out. When something fails, every actor's call
 inspected so the error names who died, who raised what, and who never answered; it
 comes within about twice the time-out (the failing step, then the actors' answers),
 usually at once, since a dead peer resets its connections. The group is then gone:
-``connect`` again, e.g. with the survivors. ``version`` counts updates that every
-actor loaded, so a failed update's number is used again by the next one.
+``connect`` again, e.g. with the survivors, or with the actors the error lists as
+``lost`` once Ray has restarted them (``RolloutCoordinator.sync_weights`` does). The
+learner has gone through all its parameters by then, so under ZeRO-3 the other ranks'
+gathers end too. ``version`` counts updates that every actor loaded, so a failed
+update's number is used again by the next one.
 """
 
 from __future__ import annotations
@@ -34,12 +41,12 @@ from collections.abc import Iterable, Mapping
 import ray
 import torch
 from ray.actor import ActorHandle
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.util import get_node_ip_address
 
 from mapo_ray.config import SyncConfig
-from mapo_ray.sync.errors import WeightSyncError, first_line
-from mapo_ray.sync.group import Backend
+from mapo_ray.sync.errors import NotInGroupError, WeightSyncError, first_line
+from mapo_ray.sync.group import Backend, GroupAddress
 from mapo_ray.sync.params import named_parameters_for_sync, parameter_specs
 from mapo_ray.sync.plan import TensorSpec
 from mapo_ray.sync.sender import WeightSender
@@ -60,6 +67,16 @@ class RayWeightSync:
             return self.config.backend
         return "nccl" if torch.cuda.is_available() else "gloo"
 
+    @property
+    def connected(self) -> bool:
+        """A group is formed (``connect`` succeeded and no update failed since)."""
+        return self._sender is not None
+
+    @property
+    def address(self) -> GroupAddress | None:
+        """The address of the group the actors joined; None before ``connect`` and after a failure."""
+        return self._sender.address if self._sender is not None else None
+
     def connect(self, actors: Mapping[str, ActorHandle], ranks_per_actor: int = 1) -> None:
         """Form a new group with ``actors`` (name -> handle), each owning ``ranks_per_actor`` ranks.
 
@@ -75,6 +92,7 @@ class RayWeightSync:
             self.config.bucket_bytes,
             backend=self.backend,
             timeout_s=self.config.timeout_s,
+            # This node's address as Ray knows it (ray start --node-ip-address): the actors dial it.
             host=get_node_ip_address(),
             version=self.version,
         )
@@ -111,11 +129,16 @@ class RayWeightSync:
             raise WeightSyncError("weight sync is not connected; call connect() first")
         plan = self._sender.plan(specs, version=self.version if again else None)
         refs = {actor.receive_weights.remote(plan): name for name, actor in self.actors.items()}
+        tensors = iter(named_tensors)
         cause = None
         try:
-            self._sender.send(plan, named_tensors)
+            self._sender.send(plan, tensors)
         except WeightSyncError as err:
             cause = err
+            # Under ZeRO-3 every learner rank gathers each parameter with this one: take
+            # the rest of them, or the other ranks would wait in a gather forever.
+            for _ in tensors:
+                pass
         loaded = self._finish(refs, f"weight update v{plan.version}", cause)
         wrong = {name: v for name, v in loaded.items() if v != plan.version}
         if wrong:
@@ -147,17 +170,22 @@ class RayWeightSync:
         """
         ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=self.config.timeout_s)
         results: dict[str, object] = {}
-        died, raised = [], []
+        died, raised, lost = [], [], []
         for ref in ready:
             try:
                 results[refs[ref]] = ray.get(ref)
             except RayActorError as err:
+                lost.append(refs[ref])
                 died.append(f"{refs[ref]!r} died ({type(err).__name__})")
+            except RayTaskError as err:
+                if isinstance(err.cause, NotInGroupError):  # died and restarted since it joined
+                    lost.append(refs[ref])
+                raised.append(f"{refs[ref]!r} raised {first_line(err.cause or err)}")
             except Exception as err:  # the actor's own exception, wrapped in a RayTaskError
                 raised.append(f"{refs[ref]!r} raised {first_line(getattr(err, 'cause', None) or err)}")
         silent = [f"{refs[ref]!r} did not answer within {self.config.timeout_s:g}s" for ref in pending]
         problems = died + raised + silent + ([f"learner {first_line(cause)}"] if cause else [])
         if problems:
             self.close()
-            raise WeightSyncError(f"{what} failed: " + "; ".join(problems)) from cause
+            raise WeightSyncError(f"{what} failed: " + "; ".join(problems), lost=tuple(lost)) from cause
         return results

@@ -41,7 +41,8 @@ class WeightReceiver:
 
     @classmethod
     def join(cls, address: GroupAddress, rank: int, device: torch.device | None = None) -> WeightReceiver:
-        """Join the group at ``address`` as ``rank`` (1..world_size-1); blocks until every rank has joined."""
+        """Join the group at ``address`` (with its secret) as ``rank`` (1..world_size-1); blocks until every
+        rank has joined."""
         return cls(SyncGroup.join(address, rank, device))
 
     @property

@@ -19,7 +19,8 @@ class WeightSender:
     """Rank 0 of a weight-sync group of ``world_size`` ranks.
 
     Usage: construct (starts the rendezvous store), send ``address`` to the receivers
-    and have them ``WeightReceiver.join`` it, call ``connect``; then per update
+    over an authenticated channel (it carries the group's secret; ``RayWeightSync``
+    uses a Ray actor call) and have them ``WeightReceiver.join`` it, call ``connect``; then per update
     ``plan = sender.plan(specs)``, give ``plan`` to every receiver, ``sender.send(plan, tensors)``.
     """
 

@@ -95,7 +95,8 @@ def test_a_batch_is_rolled_out_scored_and_dealt_and_the_samples_carry_the_synced
         evaluation = coordinator.evaluate(2)
         assert evaluation["eval/prompts"] == 8 and 0 <= evaluation["eval/accuracy"] <= 1
         # The certainty metrics of the last batch, with the largest advantage the ranks report.
-        certainty = coordinator.certainty_metrics(1.5)
+        certainty = coordinator.step_metrics(1.5)
+        assert certainty["rollout/restarts"] == 0
         assert certainty["certainty/num_groups"] == 6 and certainty["certainty/max_abs_advantage"] == 1.5
     finally:
         stop(coordinator, actors)

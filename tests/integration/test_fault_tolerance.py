@@ -6,6 +6,9 @@
 - a rollout actor killed mid-run (``ray.kill`` with restart): Ray restarts it, it
   rejoins the weight sync with the current weights, its prompts are generated again,
   and the ledger shows every prompt scored exactly once;
+- a rollout actor that crashes while it loads an update (``crashing_engine``), with two
+  ZeRO-3 learners gathering: it is restarted, every actor joins a new group, the update
+  is sent again and the step goes on;
 - a reward function that hangs: each grading is cut at ``reward.grading_timeout_s``,
   counted in ``metrics.jsonl``, and the step completes;
 - a learner worker killed (SIGKILL to its process): Ray Train restarts it from the
@@ -22,6 +25,7 @@ never by name alone, so other Ray clusters on the machine are left alone.
 
 from __future__ import annotations
 
+import functools
 import json
 import resource
 import signal
@@ -47,10 +51,12 @@ from mapo_ray.data.stream import DataPosition, PromptStream
 from mapo_ray.loop import train
 from mapo_ray.models import tiny_vl_path
 from mapo_ray.rollout.actor import RolloutError, await_restart, create_rollout_actors
+from mapo_ray.sync import WeightSyncError
 from mapo_ray.sync.ray_sync import RayWeightSync
 from mapo_ray.telemetry.ledger import LEDGER_FILE, read_ledger
 from mapo_ray.telemetry.records import METRICS_FILE, read_metrics
 from mapo_ray.types import Prompt, SamplingParams
+from tests.integration import crashing_engine
 
 pytestmark = pytest.mark.integration
 
@@ -79,9 +85,9 @@ def config(steps: int, *overrides: str):
     return resolve_inputs(cfg)
 
 
-def run(cfg, model_path: Path, run_dir: Path, during: Callable[[dict], None] | None = None):
+def run(cfg, model_path: Path, run_dir: Path, during: Callable[[dict], None] | None = None, engine_factory=None):
     """``train`` with fresh driver-owned actors; ``during(actors)`` starts before it (e.g. a watcher)."""
-    actors = create_rollout_actors(cfg.rollout, model_path, seed=cfg.seed)
+    actors = create_rollout_actors(cfg.rollout, model_path, seed=cfg.seed, engine_factory=engine_factory)
     try:
         if during is not None:
             during(actors)
@@ -228,6 +234,15 @@ def test_a_restarted_actor_generates_its_share_again_exactly_and_the_bound_holds
         ray.kill(actors["rollout-0"], no_restart=False)
         with pytest.raises(RolloutError, match=r"'rollout-0' .*rollout\.max_restarts is 0"):
             finish(pending, 120, revive, max_restarts=0)
+
+        # Restarted between two updates: the group it joined is not its process's, so the
+        # next update names it as lost (to bring back in a new group), not as a bug.
+        await_restart(actors["rollout-0"], "rollout-0", 120)
+        with pytest.raises(WeightSyncError, match="'rollout-0' raised rollout actor 'rollout-0' was restarted") as err:
+            sync.sync_model(model)
+        assert err.value.lost == ("rollout-0",)
+        revive(["rollout-0"])
+        assert ray.get([a.weight_version.remote() for a in actors.values()], timeout=120) == [1, 1]
     finally:
         sync.close()
         for actor in actors.values():
@@ -264,6 +279,34 @@ def test_a_killed_rollout_actor_is_restarted_resynced_and_its_prompts_reissued(r
     assert sorted(ledger) == [1, 2] and all(len(pairs) == PROMPTS for pairs in ledger.values())
     assert_each_prompt_once_per_epoch(ledger)
     assert logged_steps(run_dir, LEDGER_FILE) == [1, 2]  # no step was scored twice either
+
+
+def test_a_rollout_actor_that_crashes_mid_sync_is_restarted_and_rejoins_and_the_step_goes_on(ray_cluster, tmp_path):
+    # Two learners under ZeRO-3 and small buckets: rank 0 is still sending, and both
+    # ranks gathering, when the receiver goes; the sync is done again with the other rank.
+    cfg, model_path = config(
+        2,
+        "rollout.num_actors=2",
+        "trainer.num_learners=2",
+        "learner.zero_stage=3",
+        "trainer.checkpoint_every=2",
+        "sync.bucket_mb=0.0625",
+    )
+    markers = tmp_path / "crashes"
+    crash = functools.partial(crashing_engine.make, crashes={2: cfg.seed + 1}, marker_dir=str(markers))
+    run_dir = tmp_path / "run"
+    result, versions = run(cfg, model_path, run_dir, engine_factory=crash)
+    assert crashing_engine.crashed_versions(markers) == [2]  # rollout-1 died loading step 2's weights
+    assert result.error is None
+    assert versions == [2, 2]  # the restarted actor holds the last step's weights
+
+    history = read_metrics(run_dir / METRICS_FILE)
+    assert sorted(history.train) == [1, 2]
+    assert [history.train[s]["rollout/restarts"] for s in (1, 2)] == [0, 1]
+    assert [history.train[s]["weight_version"] for s in (1, 2)] == [1, 2]
+    ledger = read_ledger(run_dir / LEDGER_FILE)
+    assert logged_steps(run_dir, LEDGER_FILE) == [1, 2] and all(len(ledger[s]) == PROMPTS for s in (1, 2))
+    assert_each_prompt_once_per_epoch(ledger)
 
 
 def test_a_hanging_reward_function_costs_the_grading_time_limit_and_is_counted(ray_cluster, tmp_path):

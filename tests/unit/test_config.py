@@ -151,6 +151,38 @@ def test_gpu_share_errors(overrides, message):
         load_config(overrides=overrides)
 
 
+def test_custom_resources_place_each_kind_of_worker():
+    cfg = load_config(
+        overrides=[
+            "rollout.resources={rollout_node: 1}",
+            "reward.resources={rollout_node: 0.01}",
+            "trainer.resources_per_learner={learner_node: 1}",
+        ]
+    )
+    assert cfg.rollout.resources == {"rollout_node": 1.0} and isinstance(cfg.rollout.resources["rollout_node"], float)
+    assert cfg.reward.resources == {"rollout_node": 0.01}
+    assert cfg.trainer.resources_per_learner == {"learner_node": 1.0}
+    assert Config().rollout.resources == Config().reward.resources == Config().trainer.resources_per_learner == {}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("rollout.resources={CPU: 1}", r"rollout\.resources holds custom Ray resources; 'CPU' is not one"),
+        ("reward.resources={memory: 1000}", r"reward\.resources holds custom Ray resources; 'memory' is not one"),
+        ("trainer.resources_per_learner={GPU: 1}", r"trainer\.resources_per_learner .*'GPU' is not one"),
+        ("rollout.resources={node_a: 0}", r"rollout\.resources: resource 'node_a' must be a finite amount >= 0\.0001"),
+        ("reward.resources={node_a: .nan}", r"reward\.resources: resource 'node_a' must be a finite amount"),
+        ("trainer.resources_per_learner={node_a: -1}", r"trainer\.resources_per_learner: resource 'node_a'"),
+        ("rollout.resources={node_a: many}", r"config key 'rollout\.resources': value \{'node_a': 'many'\}"),
+        ("rollout.resources=[node_a]", r"config key 'rollout\.resources': value \['node_a'\] \(list\)"),
+    ],
+)
+def test_custom_resources_are_checked(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[override])
+
+
 @pytest.mark.parametrize(
     ("override", "key", "allowed"),
     [

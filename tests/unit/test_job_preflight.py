@@ -130,3 +130,12 @@ def test_a_submitted_job_with_a_working_dir_keeps_its_runs_outside_the_copy():
     assert runs_root({RAY_JOB_CONFIG: json.dumps({"runtime_env": {}, "metadata": {}})}) == Path("runs")
     submitted = {RAY_JOB_CONFIG: json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_1.zip"}})}
     assert runs_root(submitted) == Path.home() / "mapo-ray" / "runs"
+
+
+def test_the_dashboard_line_says_where_the_token_is_never_what_it_is():
+    from mapo_ray.job import dashboard_login
+
+    assert dashboard_login({}) == f"its token is in {Path.home() / '.ray' / 'auth_token'}"
+    assert dashboard_login({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": "/run/t"}) == "its token is in /run/t"
+    assert dashboard_login({"RAY_AUTH_TOKEN": "s3cret"}) == "its token is in RAY_AUTH_TOKEN"
+    assert dashboard_login({"RAY_AUTH_MODE": "disabled"}) == "RAY_AUTH_MODE=disabled: no token asked"

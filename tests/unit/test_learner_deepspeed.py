@@ -7,6 +7,7 @@ images; the process is a torch.distributed world of one (gloo).
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoModelForI
 
 from mapo_ray.config import Config, load_config
 from mapo_ray.learner import Experience, Learner
+from mapo_ray.learner.deepspeed_setup import _op_builds_to_log
 from mapo_ray.models import tiny_text_path, tiny_vl_path
 from mapo_ray.models.tokenizer import IMAGE_PAD
 from mapo_ray.rollout import HFEngine
@@ -471,3 +473,12 @@ def test_the_single_step_path_takes_pi_old_from_its_own_forward_with_a_correctio
     params_plain, params_corrected = _params(plain), _params(corrected)
     for name, value in params_plain.items():
         torch.testing.assert_close(params_corrected[name], value, atol=1e-3 / 20, rtol=0, msg=name)
+
+
+def test_deepspeed_op_build_lines_go_to_the_log_and_other_output_to_the_console(capsys, caplog):
+    caplog.set_level(logging.INFO, logger="mapo_ray.learner.deepspeed_setup")
+    with _op_builds_to_log():
+        print("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully")
+        print("something else")
+    assert capsys.readouterr().out == "something else\n"
+    assert "deepspeed_shm_comm_op built successfully" in caplog.text

@@ -186,13 +186,17 @@ def test_failure_metrics_count_every_kind():
     requests = [GroupRequest("a", "4", ["4", "raise"]), GroupRequest("b", "4", ["nan", "nan", "3"])]
     results = [grade_group(r, partial(call_reward_fn, _by_content)) for r in requests]
     metrics = failure_metrics(results)
-    assert set(metrics) == {f"reward/failed/{k}" for k in FAILURE_KINDS} | {"reward/graded", "reward/retried"}
+    counts = {"reward/graded", "reward/retried", "reward/regraded"}
+    assert set(metrics) == {f"reward/failed/{k}" for k in FAILURE_KINDS} | counts
     assert metrics["reward/failed/exception"] == 1
     assert metrics["reward/failed/nan"] == 2
     assert metrics["reward/failed/timeout"] == 0
     assert metrics["reward/graded"] == 2
     assert metrics["reward/retried"] == 0
     assert failure_metrics([dataclasses.replace(results[0], retries=2), results[1]])["reward/retried"] == 2
+    # A grading done again after its process was killed counts per response.
+    regraded = grade_group(requests[0], lambda r, a: dataclasses.replace(call_reward_fn(_by_content, r, a), regraded=True))
+    assert regraded.regraded == 2 and failure_metrics([regraded, results[1]])["reward/regraded"] == 2
 
 
 def test_a_group_of_the_wrong_types_is_refused_naming_it():

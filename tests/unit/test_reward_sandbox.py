@@ -34,6 +34,12 @@ def by_content(response: str, answer: str) -> dict[str, float]:
         time.sleep(3600)
     if kind == "exit":
         os._exit(3)
+    if kind == "sigkill":  # as if killed from outside: always, or only while the file arg is absent
+        if not arg or not Path(arg).exists():
+            if arg:
+                Path(arg).touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return {"overall": 1.0}
     if kind == "print":
         print("noise " * 20_000)  # far more than a pipe buffer
     if kind == "raise":
@@ -98,6 +104,17 @@ def test_a_dying_grader_is_an_exception(grader):
     graded = grader.grade("exit", "4")
     assert (graded.failure, graded.error) == ("exception", "grading process died (exit code 3)")
     assert grader.grade("ok:4", "4").scores == {"overall": 1.0}
+
+
+def test_a_grading_process_killed_from_outside_is_graded_again_once(grader, tmp_path):
+    marker = tmp_path / "killed-once"
+    graded = grader.grade(f"sigkill:{marker}", "4")
+    assert marker.exists() and graded.scores == {"overall": 1.0} and graded.regraded
+    # An input that kills it every time is a failure after the second try.
+    graded = grader.grade("sigkill", "4")
+    assert (graded.failure, graded.error) == ("exception", f"grading process died (exit code {-signal.SIGKILL})")
+    assert graded.regraded
+    assert not grader.grade("ok:4", "4").regraded
 
 
 @pytest.mark.parametrize(

@@ -2,19 +2,27 @@
 
 Gloo groups are plain objects here (no default group), so several ranks can share a
 process; the Ray-hosted version of these paths is in tests/integration/test_weight_sync.py.
+The strangers are real store clients on the group's port: a raw ``TCPStore`` client and
+a ``SyncGroup.join`` with a secret of its own.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import replace
 
+import psutil
 import pytest
 import torch
 import torch.distributed as dist
 
 from mapo_ray.sync import SyncGroup, WeightReceiver, WeightSender, WeightSyncError, tensor_spec
+from mapo_ray.sync.group import local_address_towards
 
 TIMEOUT_S = 3.0
 
@@ -163,6 +171,101 @@ def test_join_errors_name_the_rank_and_address():
     sender.close()
     gone = sender.address
     with pytest.raises(WeightSyncError, match=rf"rank 1: cannot reach the weight-sync store at 127.0.0.1:{gone.port}"):
-        SyncGroup.join(type(gone)(gone.host, gone.port, 2, "gloo", 0.5), 1)
+        SyncGroup.join(replace(gone, world_size=2, timeout_s=0.5), 1)
     with pytest.raises(WeightSyncError, match=r"at least one receiver; world_size=1"):
         WeightSender(1, 2048)
+
+
+def _listening() -> set[tuple[str, int]]:
+    return {(c.laddr.ip, c.laddr.port) for c in psutil.Process().net_connections("tcp") if c.status == "LISTEN"}
+
+
+def test_the_store_and_gloo_listen_on_the_group_host_only():
+    before = _listening()
+    sender, (receiver,) = _connected(1)
+    opened = _listening() - before
+    # torch's own choice would be the store on "::" (every interface) and gloo on the host name's address.
+    assert ("127.0.0.1", sender.address.port) in opened
+    assert len(opened) >= 3 and {ip for ip, _ in opened} == {"127.0.0.1"}, opened  # the store and each rank's gloo
+    sender.close()
+    receiver.close()
+
+
+def _refused(caplog: pytest.LogCaptureFixture, key: str) -> bool:
+    return any(f"(rank 0): refused the value of '{key}'" in r.getMessage() for r in caplog.records)
+
+
+def test_strangers_without_the_secret_are_refused_and_logged_and_the_group_still_forms(caplog):
+    caplog.set_level(logging.WARNING, logger="mapo_ray.sync.sealed")
+    sender = WeightSender(3, 2048, timeout_s=TIMEOUT_S)
+    address = sender.address
+    host = _Rank(lambda: sender.connect({1: "rollout-1", 2: "rollout-2"}))
+    # A raw client claims rank 1; a joiner that has the address but another secret claims rank 2.
+    raw = dist.TCPStore(address.host, address.port, None, False, address.timeout)
+    raw.set("mapo_ray/sync/member/1", b"1")
+    impostor = _Rank(lambda: SyncGroup.join(replace(address, secret=os.urandom(32)), 2))
+    deadline = time.monotonic() + 4 * TIMEOUT_S
+    while not all(_refused(caplog, f"mapo_ray/sync/member/{r}") for r in (1, 2)):
+        assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
+        time.sleep(0.05)
+    joins = [_Rank(lambda r=r: WeightReceiver.join(address, r)) for r in (1, 2)]
+    assert host.outcome() == (None, None)
+    receivers = [j.outcome()[0] for j in joins]
+
+    weights = _weights(7)
+    plan = sender.plan(tensor_spec(n, t) for n, t in weights.items())
+    loaded = [{}, {}]
+    ranks = [_Rank(lambda r=r, i=i: r.receive(plan, _copy_into(loaded[i]))) for i, r in enumerate(receivers)]
+    sender.send(plan, weights.items())
+    assert [rank.outcome() for rank in ranks] == [(1, None)] * 2
+    for store in loaded:
+        assert all(torch.equal(store[name], tensor) for name, tensor in weights.items())
+
+    _, error = impostor.outcome()  # never admitted, so it never reached gloo's keys
+    assert isinstance(error, WeightSyncError), error
+    assert "rank 2: connecting the weight-sync group" in str(error)
+    assert "no value of 'mapo_ray/sync/admitted' sealed with this group's secret" in str(error)
+    # The raw client sees the key names but no value in clear.
+    assert "mapo_ray/sync/member/1" in raw.list_keys() and raw.get("mapo_ray/sync/member/1") != b"1"
+    sender.close()
+    for r in receivers:
+        r.close()
+
+def _tcp_links() -> set[tuple[str, int, str, int]]:
+    """This process's established TCP connections, (local ip, port, remote ip, port), IPv4-mapped
+    addresses written as IPv4."""
+    plain = lambda ip: ip.removeprefix("::ffff:")  # noqa: E731
+    return {
+        (plain(c.laddr.ip), c.laddr.port, plain(c.raddr.ip), c.raddr.port)
+        for c in psutil.Process().net_connections("tcp")
+        if c.status == psutil.CONN_ESTABLISHED
+    }
+
+
+def test_gloo_ranks_connect_at_the_group_host_not_at_what_the_hostname_resolves_to():
+    # Where the hostname resolves to 127.0.x.x (as on this machine), gloo's default device
+    # would connect the ranks over loopback, which no rank on another machine can reach.
+    try:
+        host = local_address_towards("192.0.2.1")  # TEST-NET-1: only the route is looked up
+    except OSError:
+        pytest.skip("this machine has no route off loopback")
+    if host.startswith("127."):
+        pytest.skip("this machine has no address but loopback")
+    before = _tcp_links()
+    sender = WeightSender(2, 2048, timeout_s=TIMEOUT_S, host=host)
+    joined = _Rank(lambda: WeightReceiver.join(sender.address, 1))
+    sender.connect({1: "rollout-1"})
+    receiver, error = joined.outcome()
+    assert error is None
+    weights = _weights(3)
+    plan = sender.plan(tensor_spec(n, t) for n, t in weights.items())
+    loaded: dict[str, torch.Tensor] = {}
+    rank = _Rank(lambda: receiver.receive(plan, _copy_into(loaded)))
+    sender.send(plan, weights.items())
+    assert rank.outcome() == (1, None) and torch.equal(loaded["embed.weight"], weights["embed.weight"])
+    links = _tcp_links() - before
+    # The store's connection and gloo's pair (both ends of each, this process being both ranks).
+    assert len(links) >= 4
+    assert {ip for local_ip, _, remote_ip, _ in links for ip in (local_ip, remote_ip)} == {host}
+    sender.close()
+    receiver.close()
