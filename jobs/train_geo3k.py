@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 
-from mapo_ray.job import connect_ray, job_parser, preflight, summarize
+from mapo_ray.job import connect_ray, job_parser, preflight, stop_on_startup_interrupt, summarize
 from mapo_ray.loop import train
 from mapo_ray.rollout.actor import create_rollout_actors
 
@@ -21,23 +21,25 @@ def main(description: str = __doc__, default_preset: str | None = None) -> None:
     args = job_parser(description.splitlines()[0]).parse_args()
     started = time.perf_counter()
 
-    # A wrong key, file, column or folder is named here, before Ray starts.
-    job = preflight(args, default_preset)
-    config, run_dir, model_path = job.config, job.run_dir, job.model_path
-    print(f"run folder: {run_dir}\nmodel: {model_path}\ntrain data: {config.data.train}", flush=True)
-    connect_ray()
+    # Ctrl-C before the first step stops the job with exit status 130.
+    with stop_on_startup_interrupt():
+        # A wrong key, file, column or folder is named here, before Ray starts.
+        job = preflight(args, default_preset)
+        config, run_dir, model_path = job.config, job.run_dir, job.model_path
+        print(f"run folder: {run_dir}\nmodel: {model_path}\ntrain data: {config.data.train}", flush=True)
+        connect_ray()
 
-    # The driver owns the rollout actors, so they outlive a learner restart; the learner reaches
-    # them through Ray Train. Learner rank 0 starts the reward actors.
-    rollout_actors = create_rollout_actors(config.rollout, model_path, seed=config.seed)
+        # The driver owns the rollout actors, so they outlive a learner restart; the learner reaches
+        # them through Ray Train. Learner rank 0 starts the reward actors.
+        rollout_actors = create_rollout_actors(config.rollout, model_path, seed=config.seed)
 
-    train(
-        config,
-        run_dir=run_dir,
-        model_path=model_path,
-        rollout_actors=rollout_actors,
-        resume_from=job.resume_from,
-    )
+        train(
+            config,
+            run_dir=run_dir,
+            model_path=model_path,
+            rollout_actors=rollout_actors,
+            resume_from=job.resume_from,
+        )
     print("\n" + summarize(run_dir, time.perf_counter() - started), flush=True)
 
 

@@ -7,12 +7,15 @@ bottom as recipes: arguments, Ray, config, data and model, actors, train, summar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import signal
+import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,8 @@ RAY_JOB_CONFIG = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 # What a machine without GPUs runs by default; with GPUs the job needs a preset or config.
 CPU_PRESET = "cpu-tiny"
 LOOPBACK = "127.0.0.1"
+# The exit status of a command stopped by Ctrl-C, as shells report it (128 + SIGINT).
+INTERRUPTED = 130
 
 
 def job_parser(description: str) -> argparse.ArgumentParser:
@@ -48,7 +53,8 @@ def job_parser(description: str) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--resume",
-        help="'auto': continue from the newest checkpoint in --output; or a checkpoint folder to start from",
+        help="'auto': continue from the newest checkpoint in --output; or a checkpoint folder to start from "
+        "(one of --output's own goes back to it: the later steps are done again)",
     )
     parser.add_argument(
         "--output",
@@ -184,6 +190,23 @@ def dashboard_login(environ: Mapping[str, str] = os.environ) -> str:
     return f"its token is in {environ.get('RAY_AUTH_TOKEN_PATH') or Path.home() / '.ray' / 'auth_token'}"
 
 
+@contextlib.contextmanager
+def stop_on_startup_interrupt() -> Iterator[None]:
+    """Around a job's start-up and ``mapo_ray.loop.train``: a Ctrl-C before training
+    starts (KeyboardInterrupt: checking the inputs, downloading the model, starting Ray
+    or the actors, loading the model in the learners) stops the job at once, with Ray's
+    processes and actors of this job, and exit status 130. Once training runs, Ray
+    Train's own handler aborts the run instead."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C) during start-up: the job stops before training", file=sys.stderr, flush=True)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C would cut the clean-up short
+        # A local cluster that connect_ray started goes with it; on a cluster, the job's actors.
+        ray.shutdown()
+        raise SystemExit(INTERRUPTED) from None
+
+
 def in_working_dir_copy(environ: Mapping[str, str] = os.environ) -> bool:
     """Whether this is a job that ``ray job submit --working-dir`` started: its working
     directory is then Ray's temporary copy, deleted with the cluster."""
@@ -198,15 +221,26 @@ def runs_root(environ: Mapping[str, str] = os.environ) -> Path:
 
 
 def run_folder(output: Path | None, preset: str | None, resume: str | None) -> Path:
-    """The run folder; a run with a checkpoint there needs ``--resume auto`` (never
-    overwritten silently). A folder whose run failed before its first checkpoint (Ray
-    Train has left only its storage marker) is used again, as a fresh run."""
+    """The run folder; a run with a checkpoint there needs ``--resume auto``, or
+    ``--resume`` with one of its own checkpoint folders (never overwritten silently). A
+    folder whose run failed before its first checkpoint (Ray Train has left only its
+    storage marker) is used again, as a fresh run."""
     if output is not None and not output.is_absolute() and in_working_dir_copy():
         print(f"warning: --output {output} is inside Ray's temporary copy of the working directory, "
               "deleted with the cluster; give an absolute path on lasting storage", flush=True)
     folder = output or runs_root() / f"{preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if any(p.is_dir() for p in (folder / "checkpoints").glob("checkpoint_*")) and resume != "auto":
-        raise SystemExit(f"{folder} already holds a run: pass --resume auto to continue it, or another --output")
+    checkpoints = folder / "checkpoints"
+    if any(p.is_dir() for p in checkpoints.glob("checkpoint_*")) and resume != "auto":
+        if resume is None:
+            raise SystemExit(
+                f"{folder} already holds a run: pass --resume auto to continue it, --resume with one of "
+                f"its checkpoint folders to go back to it, or another --output"
+            )
+        if Path(resume).resolve().parent != checkpoints.resolve():
+            raise SystemExit(
+                f"{folder} already holds a run, and --resume {resume} is not one of its checkpoint folders "
+                f"(in {checkpoints}): pass another --output to start from it"
+            )
     folder.mkdir(parents=True, exist_ok=True)
     return folder.resolve()
 

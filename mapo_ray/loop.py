@@ -23,9 +23,18 @@ coordinator waits for it, tells the other ranks to take part in a weight sync, r
 the weight-sync group with every actor, sends the current weights again and re-issues
 only that actor's prompts with the same seed (``rollout.max_restarts`` per batch).
 Reward actors are retried inside ``RewardPool``. A learner worker that dies takes Ray
-Train's restart (``trainer.max_failures``): every rank restarts from the latest
-checkpoint and its data position, and rank 0 connects to the same driver-owned
-rollout actors again. ``ledger.jsonl`` records which prompts each step scored.
+Train's restart (``trainer.max_failures``): every rank restarts from the newest
+complete checkpoint and its data position, and rank 0 connects to the same
+driver-owned rollout actors again. ``ledger.jsonl`` records which prompts each step
+scored.
+
+Checkpoints: Ray Train registers a reported checkpoint only when its controller
+next polls the workers, after the folder is already in storage; a worker that dies
+in between (or a Ctrl-C abort) leaves the folder unregistered, and Ray Train never
+restores nor deletes it. The loop restores from the newest complete folder in
+storage, registered or not (``checkpoints_to_restore``), and once Ray Train has
+registered a newer one, removes those it does not know (``remove_unregistered``),
+so that ``trainer.keep_checkpoints`` holds.
 """
 
 from __future__ import annotations
@@ -33,9 +42,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import shutil
+import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import ray
@@ -51,20 +62,26 @@ from mapo_ray.learner import Learner
 from mapo_ray.learner.sft import warm_start
 
 STAGING = ".staging"  # under the run folder: each rank's checkpoint before Ray Train copies it
+CHECKPOINTS = "checkpoints"  # under the run folder: Ray Train's storage (RunConfig name)
+STARTED = ".started"  # under the run folder: rank 0 is past start-up and about to train
+# How long rank 0 waits for Ray Train to register a report before cleaning up; past it,
+# the next report cleans up instead.
+REGISTER_TIMEOUT_S = 60.0
 _HEADLINE = ("step", "weight_version", "reward/mean", "reward/accuracy", "actor/pg_loss")
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point. ``loop_config``: ``config``, ``model_path`` (the policy's
     Hugging Face folder, whose tokenizer templates the prompts), ``rollout_actors``
-    (name -> handle), ``run_dir`` and ``resume_from`` (a checkpoint folder or None)."""
+    (name -> handle), ``run_dir``, ``resume_from`` (a checkpoint folder or None) and
+    ``earlier`` (the newest checkpoint folder name in ``run_dir`` when the job started)."""
     config: Config = loop_config["config"]
     trainer = config.trainer
     run_dir = Path(loop_config["run_dir"])
     learner = Learner(config, loop_config["model_path"])
 
     start_step, position = 0, DataPosition()
-    candidates = checkpoints_to_restore(run_dir, loop_config.get("resume_from"))
+    candidates = checkpoints_to_restore(run_dir, loop_config.get("resume_from"), loop_config.get("earlier"))
     if candidates:
         folder, state = learner.load_first_complete(candidates)
         if folder != candidates[0] and learner.rank == 0:
@@ -97,6 +114,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if coordinator and trainer.eval_every:
             coordinator.logger.log_eval(0, coordinator.evaluate(0))
 
+    if learner.rank == 0:
+        (run_dir / STARTED).touch()  # a Ctrl-C from now on aborts the run; before, it stops the start-up
     for step in range(start_step + 1, trainer.total_steps + 1):
         metrics = training_step(step, config, learner, channel, coordinator)
         if step == 1:
@@ -116,21 +135,50 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         channel.close()
 
 
-def checkpoints_to_restore(run_dir: Path, resume_from: str | None) -> list[Path]:
+def checkpoints_to_restore(run_dir: Path, resume_from: str | None, earlier: str | None = None) -> list[Path]:
     """The checkpoint folders to restore from, the one to try first first.
 
-    Ray Train's own (a restart after a failure, or --resume auto on the same run folder),
-    then the older ones it keeps beside it under ``run_dir/checkpoints``, in case the
-    newest is incomplete (a crash while it was written); else the folder of
-    --resume PATH alone; else none.
+    Without --resume PATH (a fresh run, a restart after a failure, --resume auto):
+    every ``checkpoint_*`` folder under ``run_dir/checkpoints``, newest first. That is
+    Ray Train's registered one, preceded by newer ones it lost (reported by a worker
+    that died, or was aborted, before the controller registered them) and followed by
+    the older ones it keeps; ``Learner.load_first_complete`` takes the first that every
+    rank loads whole. With --resume PATH, this job's own folders (names after
+    ``earlier``, the newest one there when the job started; after a restart), then
+    PATH: never a newer folder of the run it goes back in.
     """
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return [Path(resume_from)] if resume_from else []
-    newest = Path(checkpoint.path)
-    # Ray Train names them checkpoint_<date>_<time>: newest last in name order.
-    older = [p for p in (run_dir / "checkpoints").glob("checkpoint_*") if p.is_dir() and p.name < newest.name]
-    return [newest, *sorted(older, reverse=True)]
+    # Ray Train names them checkpoint_<date>_<time>: name order is the order they were written.
+    folders = sorted((p for p in (run_dir / CHECKPOINTS).glob("checkpoint_*") if p.is_dir()), reverse=True)
+    if resume_from is None:
+        return folders
+    return [p for p in folders if earlier is None or p.name > earlier] + [Path(resume_from)]
+
+
+def newest_checkpoint_name(run_dir: Path) -> str | None:
+    """The name of the newest ``checkpoint_*`` folder under ``run_dir/checkpoints``; None if none."""
+    names = [p.name for p in (run_dir / CHECKPOINTS).glob("checkpoint_*") if p.is_dir()]
+    return max(names, default=None)
+
+
+def remove_unregistered(run_dir: Path, registered: list[str]) -> list[Path]:
+    """Delete the ``checkpoint_*`` folders under ``run_dir/checkpoints`` that are not in
+    ``registered`` (the names Ray Train keeps) and are older than the newest of those;
+    returns them.
+
+    Ray Train never registers such a folder later (it registers reports in order), and
+    never deletes it (it deletes only folders it registered), so they would outlive
+    ``trainer.keep_checkpoints``. One newer than every registered folder is left: it
+    may be the newest complete checkpoint of the run.
+    """
+    if not registered:
+        return []
+    newest, known = max(registered), set(registered)
+    removed = []
+    for folder in sorted((run_dir / CHECKPOINTS).glob("checkpoint_*")):
+        if folder.is_dir() and folder.name not in known and folder.name < newest:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 def training_step(
@@ -209,7 +257,9 @@ def report(
     Only checkpoint steps report: Ray Train logs each report in full, and the step
     metrics already go to the run's own telemetry. Each rank writes its part in
     ``run_dir/.staging/rank<r>`` first, from where Ray Train copies it; a folder that a
-    rank killed while saving left there is removed at its next report.
+    rank killed while saving left there is removed at its next report. Then rank 0
+    waits for Ray Train to register the checkpoint and removes the checkpoint folders
+    it does not know (``remove_unregistered``).
     """
     trainer = config.trainer
     if step % trainer.checkpoint_every and step != trainer.total_steps:
@@ -229,6 +279,26 @@ def report(
         ray.train.report(headline, checkpoint=ray.train.Checkpoint.from_directory(staging))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    if learner.rank == 0:
+        reported = ray.train.get_all_reported_checkpoints(
+            consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=REGISTER_TIMEOUT_S
+        )
+        for folder in remove_unregistered(run_dir, [Path(r.checkpoint.path).name for r in reported]):
+            print(f"removed checkpoint {folder}, which Ray Train did not register", flush=True)
+
+
+SignalHandler = Callable[[int, FrameType | None], Any]
+
+
+def interrupt_until(started: Path, then: SignalHandler) -> SignalHandler:
+    """A SIGINT handler: KeyboardInterrupt until the file ``started`` exists, then ``then``'s."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if not started.exists():
+            raise KeyboardInterrupt
+        then(signum, frame)
+
+    return handler
 
 
 def resolve_run_length(config: Config, train_rows: int | None = None) -> Config:
@@ -259,11 +329,25 @@ def train(
 ) -> ray.train.Result:
     """Run ``train_loop_per_worker`` on ``trainer.num_learners`` Ray Train workers.
 
-    Checkpoints go to ``run_dir/checkpoints``; Ray Train restores the newest one there
-    after a worker failure, and when a job is started again on the same ``run_dir``.
+    Checkpoints go to ``run_dir/checkpoints``; the loop restores the newest complete
+    one there after a worker failure, and when a job is started again on the same
+    ``run_dir``; with ``resume_from``, that folder instead (``checkpoints_to_restore``).
     A run length in ``trainer.total_epochs`` becomes steps here (``resolve_run_length``).
+
+    Ctrl-C (SIGINT) before the loop starts its first step raises KeyboardInterrupt here
+    at once; from then on, Ray Train's handler aborts the run.
     """
     from ray.train.torch import TorchTrainer
+
+    started = run_dir / STARTED
+    started.unlink(missing_ok=True)
+
+    class Trainer(TorchTrainer):
+        def _register_sigint_handler(self, controller: ActorHandle) -> None:
+            # Ray Train's handler asks the controller to abort, which waits until the
+            # controller is done starting the workers (minutes while they load the model).
+            super()._register_sigint_handler(controller)
+            signal.signal(signal.SIGINT, interrupt_until(started, signal.getsignal(signal.SIGINT)))
 
     epochs = config.trainer.total_epochs
     config = resolve_run_length(config)
@@ -271,7 +355,7 @@ def train(
     if epochs is not None:
         print(f"trainer.total_epochs {epochs}: {trainer.total_steps} steps of {trainer.prompts_per_step} prompts", flush=True)
     use_gpu = trainer.use_gpu if trainer.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    return TorchTrainer(
+    trainer_run = Trainer(
         train_loop_per_worker,
         train_loop_config={
             "config": config,
@@ -279,6 +363,7 @@ def train(
             "rollout_actors": dict(rollout_actors),
             "run_dir": str(run_dir),
             "resume_from": str(resume_from) if resume_from else None,
+            "earlier": newest_checkpoint_name(run_dir),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=trainer.num_learners,
@@ -290,7 +375,7 @@ def train(
             },
         ),
         run_config=ray.train.RunConfig(
-            name="checkpoints",
+            name=CHECKPOINTS,
             storage_path=str(run_dir.resolve()),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=trainer.keep_checkpoints or None),
             failure_config=ray.train.FailureConfig(max_failures=trainer.max_failures),
@@ -298,4 +383,8 @@ def train(
             # group, checkpoints reported) go to its ray-train-sys-*.log in the Ray session's logs.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
-    ).fit()
+    )
+    try:
+        return trainer_run.fit()
+    finally:
+        started.unlink(missing_ok=True)

@@ -417,3 +417,88 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_to_resume_fr
     ledger = read_ledger(run_dir / LEDGER_FILE)
     assert [ledger[s] for s in range(1, steps + 1)] == uninterrupted_order(cfg, model_path, steps)
     assert_each_prompt_once_per_epoch(ledger)
+
+
+def train_controller(since: float) -> psutil.Process:
+    """This cluster's Ray Train controller process started after ``since``."""
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            title = proc.cmdline()[:1]
+            if title and title[0].startswith("ray::TrainController") and proc.create_time() >= since:
+                return proc
+        except psutil.Error:
+            pass
+    raise AssertionError("no Ray Train controller among this test's processes")
+
+
+def registered_names(run_dir: Path) -> list[str]:
+    """The checkpoint folders in Ray Train's snapshot (what its controller registered and keeps)."""
+    state = json.loads((run_dir / "checkpoints" / "checkpoint_manager_snapshot.json").read_text())
+    return [r["checkpoint_dir_name"] for r in state["checkpoint_results"]]
+
+
+def checkpoint_names(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint_*") if p.is_dir())
+
+
+def test_a_checkpoint_that_ray_train_lost_is_restored_then_removed(ray_cluster, tmp_path):
+    """A learner killed after its report wrote checkpoint 2 but before the controller
+    registered it (the controller is held with SIGSTOP meanwhile, so the window is
+    certain): the restart resumes from checkpoint 2, not from the registered checkpoint
+    1, and once Ray Train registers a newer one the lost folder goes, so that
+    ``keep_checkpoints`` holds. A Ctrl-C abort during a report leaves the same state."""
+    steps = 4
+    cfg, model_path = config(steps, "trainer.max_failures=1", "trainer.keep_checkpoints=2")
+    run_dir = tmp_path / "run"
+    started = time.time()
+    watchers: list[When] = []
+    at_kill: dict[str, object] = {}
+
+    def hold_controller():
+        controller = train_controller(started)
+        controller.suspend()
+        return controller
+
+    def checkpoint_two_written() -> bool:
+        # The report copies rank 0's staging folder into checkpoint 2, then deletes it.
+        return len(checkpoint_names(run_dir)) == 2 and not (run_dir / ".staging" / "rank0").exists()
+
+    def kill_learner_then_release_controller():
+        at_kill.update(registered=registered_names(run_dir), folders=checkpoint_names(run_dir))
+        at_kill["ledger"] = logged_lines(run_dir, LEDGER_FILE)
+        (proc,) = learner_processes(started)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(60)
+        watchers[0].result.resume()
+
+    def watch(actors):
+        # Step 2's ledger line comes after checkpoint 1's report, before checkpoint 2's.
+        held = lambda: checkpoint_registered(run_dir) and 2 in logged_steps(run_dir, LEDGER_FILE)  # noqa: E731
+        watchers.append(When(held, hold_controller))
+        watchers.append(When(lambda: watchers[0].fired and checkpoint_two_written(), kill_learner_then_release_controller))
+        for watcher in watchers:
+            watcher.start()
+
+    try:
+        result, versions = run(cfg, model_path, run_dir, during=watch)
+    finally:
+        for watcher in watchers:
+            watcher.stop()
+        if watchers and isinstance(watchers[0].result, psutil.Process) and watchers[0].result.is_running():
+            watchers[0].result.resume()
+    assert all(w.fired for w in watchers)
+    assert result.error is None and versions == [steps]
+    one, two = at_kill["folders"]
+    assert at_kill["registered"] == [one]  # checkpoint 2 was in storage, unknown to Ray Train
+
+    # Resumed from checkpoint 2: the lines of steps 1 and 2 are those written before the
+    # kill (a resume from checkpoint 1 would have done step 2 again).
+    after = logged_lines(run_dir, LEDGER_FILE)
+    assert [step for step, _ in after] == list(range(1, steps + 1))
+    assert after[:2] == at_kill["ledger"][:2]
+    ledger = read_ledger(run_dir / LEDGER_FILE)
+    assert [ledger[s] for s in range(1, steps + 1)] == uninterrupted_order(cfg, model_path, steps)
+
+    # Ray Train deleted checkpoint 1 by keep_checkpoints, the loop the lost checkpoint 2.
+    assert two not in checkpoint_names(run_dir)
+    assert checkpoint_names(run_dir) == registered_names(run_dir) and len(checkpoint_names(run_dir)) == 2

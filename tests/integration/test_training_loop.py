@@ -1,7 +1,8 @@
 """The whole loop on a local Ray cluster: two learner workers under DeepSpeed ZeRO-2, a
 rollout actor, a reward pool, weight sync and checkpoints; then a resume from the
-step-2 checkpoint that must reproduce step 3 of the uninterrupted run exactly, and a
-resume of the same run folder whose newest checkpoint is truncated.
+step-2 checkpoint that must reproduce step 3 of the uninterrupted run exactly, a
+resume of the same run folder whose newest checkpoint is truncated, and a resume of
+the same run folder from its older step-1 checkpoint.
 """
 
 from __future__ import annotations
@@ -123,6 +124,24 @@ def test_three_steps_then_an_exact_resume_from_step_two(ray_cluster, tmp_path):
     c = load_file(first / "policy/model.safetensors")
     for name in a:
         assert torch.equal(a[name], c[name]), name
+
+    # Back to the step-1 checkpoint, in the same run folder: Ray Train would offer its
+    # newest (step 3); the loop restores step 1 and does steps 2 and 3 again, whose lines
+    # replace the earlier ones.
+    before = (first / "metrics.jsonl").read_text().splitlines()
+    result, versions = run(config(tmp_path, 3), first, resume_from=checkpoints[0])
+    assert result.error is None and versions == [3]
+    lines = (first / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+    assert lines[0] == before[0] and lines[1] != before[1]
+    assert [json.loads(line)["step"] for line in (first / "ledger.jsonl").read_text().splitlines()] == [1, 2, 3]
+    again = steps(first)
+    for step in (2, 3):
+        for key in same:
+            assert again[step][key] == logged[step][key], (step, key)
+    d = load_file(first / "policy/model.safetensors")
+    for name in a:
+        assert torch.equal(a[name], d[name]), name
 
 
 def test_the_loop_syncs_actors_that_hold_two_weight_sync_ranks_each(ray_cluster, tmp_path):

@@ -106,6 +106,21 @@ def test_a_run_folder_with_a_checkpoint_needs_resume_but_a_failed_first_attempt_
     assert run_folder(folder, "cpu-tiny", "auto") == folder.resolve()
 
 
+def test_a_run_folder_can_go_back_to_one_of_its_own_checkpoints_only(tmp_path):
+    from mapo_ray.job import run_folder
+
+    folder = tmp_path / "run"
+    older = folder / "checkpoints" / "checkpoint_2026-12-02_06-39-04.487023"
+    older.mkdir(parents=True)
+    (folder / "checkpoints" / "checkpoint_2026-12-02_06-40-11.120931").mkdir()
+    assert run_folder(folder, "cpu-tiny", str(older)) == folder.resolve()
+    other = tmp_path / "other" / "checkpoints" / older.name
+    other.mkdir(parents=True)
+    with pytest.raises(SystemExit, match=f"--resume {other} is not one of its checkpoint folders"):
+        run_folder(folder, "cpu-tiny", str(other))
+    assert run_folder(tmp_path / "fresh", "cpu-tiny", str(other)) == (tmp_path / "fresh").resolve()
+
+
 def test_a_submitted_job_with_a_working_dir_keeps_its_runs_outside_the_copy():
     import json
 
