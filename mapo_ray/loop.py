@@ -40,6 +40,7 @@ so that ``trainer.keep_checkpoints`` holds.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import shutil
 import signal
@@ -52,6 +53,7 @@ from typing import Any
 import ray
 import torch
 import torch.distributed as dist
+from ray.train.v2._internal.execution import context as ray_train_context
 from ray.actor import ActorHandle
 
 from mapo_ray.config import Config
@@ -78,6 +80,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     config: Config = loop_config["config"]
     trainer = config.trainer
     run_dir = Path(loop_config["run_dir"])
+    # Ray Train logs every report in full at INFO, under its module's file path, which its
+    # LoggingConfig (see ``train``) misses: the console keeps the run's own step lines.
+    logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
     learner = Learner(config, loop_config["model_path"])
 
     start_step, position = 0, DataPosition()
