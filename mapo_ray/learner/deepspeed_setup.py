@@ -14,6 +14,7 @@ checkpoints.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import io
 import logging
@@ -21,6 +22,7 @@ import math
 import os
 import re
 import socket
+import sys
 from collections.abc import Iterator
 from functools import partial
 from typing import Any
@@ -171,15 +173,26 @@ def _op_builds_to_log() -> Iterator[None]:
     the job's console, each time it loads an op: those lines go to this module's log
     instead; anything else printed meanwhile is printed as it was."""
     captured = io.StringIO()
+    # Inside a Ray Train worker ``print`` also logs each line, past any redirect of stdout:
+    # a plain one for this stretch.
+    patched, builtins.print = builtins.print, _plain_print
     try:
         with contextlib.redirect_stdout(captured):
             yield
     finally:
+        builtins.print = patched
         for line in captured.getvalue().splitlines():
             if _OP_BUILT.fullmatch(line):
                 logger.info("%s", line)
             else:
                 print(line, flush=True)
+
+
+def _plain_print(*objects: object, sep: str | None = " ", end: str | None = "\n", file=None, flush: bool = False) -> None:
+    stream = sys.stdout if file is None else file
+    stream.write((" " if sep is None else sep).join(map(str, objects)) + ("\n" if end is None else end))
+    if flush:
+        stream.flush()
 
 
 _OP_BUILT = re.compile(r"DeepSpeed \S+ built successfully")

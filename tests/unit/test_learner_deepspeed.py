@@ -6,6 +6,7 @@ images; the process is a torch.distributed world of one (gloo).
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import logging
 
@@ -482,3 +483,15 @@ def test_deepspeed_op_build_lines_go_to_the_log_and_other_output_to_the_console(
         print("something else")
     assert capsys.readouterr().out == "something else\n"
     assert "deepspeed_shm_comm_op built successfully" in caplog.text
+
+
+def test_deepspeed_op_build_lines_stay_off_the_console_under_ray_trains_print(capsys, caplog, monkeypatch):
+    from ray.train.v2._internal.logging.patch_print import redirected_print
+
+    # Ray Train's print logs every line at INFO besides writing it, past any redirect of stdout.
+    monkeypatch.setattr(builtins, "print", redirected_print)
+    with caplog.at_level(logging.INFO):
+        with _op_builds_to_log():
+            print("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully")
+    assert capsys.readouterr().out == ""
+    assert [r.name for r in caplog.records] == ["mapo_ray.learner.deepspeed_setup"]
