@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import cast
 
 import ray
-from ray.exceptions import RayActorError, RayError
+from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from mapo_ray.config import RewardConfig
 from mapo_ray.reward.contract import FailureKind
@@ -63,7 +63,7 @@ class RewardPool:
         self._config = config
         self._start_timeout_s = start_timeout_s
         self._actors = [self._spawn() for _ in range(config.num_workers)]
-        self._await_ready(self._actors)
+        self._await_ready(list(range(config.num_workers)))
 
     @property
     def size(self) -> int:
@@ -155,16 +155,39 @@ class RewardPool:
     def _replace(self, slot: int) -> None:
         ray.kill(self._actors[slot])
         self._actors[slot] = self._spawn()
-        self._await_ready([self._actors[slot]])
+        self._await_ready([slot])
 
     def _spawn(self) -> ray.actor.ActorHandle:
         config = self._config
         return RewardWorker.options(num_cpus=config.cpus_per_worker, resources=config.resources).remote(config)
 
-    def _await_ready(self, actors: list[ray.actor.ActorHandle]) -> None:
-        try:
-            ray.get([actor.ready.remote() for actor in actors], timeout=self._start_timeout_s)
-        except RayError as err:
-            for actor in actors:
-                ray.kill(actor)
-            raise RuntimeError(f"reward actors did not start: {err}") from err
+    def _await_ready(self, slots: list[int]) -> None:
+        """Wait until the actors in ``slots`` are ready, at most ``start_timeout_s``.
+
+        One whose process died while it started (killed, not failed: its constructor did
+        not raise) is replaced, at most ``reward.max_retries`` times in all; past that, a
+        constructor that raised or a time-out, the actors are killed and RuntimeError says why.
+        """
+        retries = 0
+        waiting = list(slots)
+        while waiting:
+            refs = {self._actors[slot].ready.remote(): slot for slot in waiting}
+            waiting = []
+            try:
+                ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=self._start_timeout_s)
+                if pending:
+                    raise GetTimeoutError(f"{len(pending)} not ready within {self._start_timeout_s:g}s")
+                for ref in ready:
+                    try:
+                        ray.get(ref)
+                    except RayActorError as err:
+                        if err.actor_init_failed or retries >= self._config.max_retries:
+                            raise
+                        retries += 1
+                        logger.warning("reward actor died while it started; starting another: %s", first_line(err))
+                        self._actors[refs[ref]] = self._spawn()
+                        waiting.append(refs[ref])
+            except RayError as err:
+                for slot in slots:
+                    ray.kill(self._actors[slot])
+                raise RuntimeError(f"reward actors did not start: {err}") from err

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import ray
 
@@ -145,6 +147,36 @@ def test_a_group_whose_actor_dies_is_graded_again_by_another_actor(ray_cluster, 
     metrics = failure_metrics(results)
     assert metrics["reward/retried"] == 1 and metrics["reward/failed/actor_died"] == 0
     assert metrics["reward/graded"] == 3 + 8
+
+
+def test_a_reward_actor_killed_while_it_starts_is_replaced(ray_cluster, caplog):
+    started = time.time()
+    pools: list[RewardPool] = []
+    config = _config(function="tests.integration.slow_rewards:score", max_retries=1)
+    starting = threading.Thread(target=lambda: pools.append(RewardPool(config)))
+    starting.start()
+    deadline = time.monotonic() + 120
+    while not (workers := _reward_workers(started)):
+        assert time.monotonic() < deadline, "no reward actor started"
+        time.sleep(0.05)
+    workers[0].send_signal(signal.SIGKILL)  # in its constructor: its grading process imports for 3 s
+    starting.join(timeout=180)
+    (pool,) = pools
+    with pool:
+        assert pool.score([GroupRequest("g", "4", ["4", "5"])])[0].rewards == [1.0, 0.0]
+    assert "reward actor died while it started; starting another" in caplog.text
+
+
+def _reward_workers(since: float) -> list[psutil.Process]:
+    """This cluster's reward actor processes started after ``since``."""
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if proc.cmdline()[:1] and proc.cmdline()[0].startswith("ray::RewardWorker") and proc.create_time() >= since:
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
 
 
 def test_a_wrong_function_path_fails_at_start_up(ray_cluster):
