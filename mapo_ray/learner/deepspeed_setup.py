@@ -170,8 +170,9 @@ def build_reference(module: nn.Module, cfg: LearnerConfig, world_size: int, devi
 @contextlib.contextmanager
 def _op_builds_to_log() -> Iterator[None]:
     """DeepSpeed prints "DeepSpeed <op> built successfully" to stdout, which Ray forwards to
-    the job's console, each time it loads an op: those lines go to this module's log
-    instead; anything else printed meanwhile is printed as it was."""
+    the job's console, each time it loads an op: those lines go to this module's log at
+    DEBUG instead (in a Ray Train worker, INFO reaches the console too); anything else
+    printed meanwhile is printed as it was."""
     captured = io.StringIO()
     # Inside a Ray Train worker ``print`` also logs each line, past any redirect of stdout:
     # a plain one for this stretch.
@@ -183,7 +184,7 @@ def _op_builds_to_log() -> Iterator[None]:
         builtins.print = patched
         for line in captured.getvalue().splitlines():
             if _OP_BUILT.fullmatch(line):
-                logger.info("%s", line)
+                logger.debug("%s", line)
             else:
                 print(line, flush=True)
 

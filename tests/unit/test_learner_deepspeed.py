@@ -477,7 +477,7 @@ def test_the_single_step_path_takes_pi_old_from_its_own_forward_with_a_correctio
 
 
 def test_deepspeed_op_build_lines_go_to_the_log_and_other_output_to_the_console(capsys, caplog):
-    caplog.set_level(logging.INFO, logger="mapo_ray.learner.deepspeed_setup")
+    caplog.set_level(logging.DEBUG, logger="mapo_ray.learner.deepspeed_setup")
     with _op_builds_to_log():
         print("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully")
         print("something else")
@@ -490,7 +490,7 @@ def test_deepspeed_op_build_lines_stay_off_the_console_under_ray_trains_print(ca
 
     # Ray Train's print logs every line at INFO besides writing it, past any redirect of stdout.
     monkeypatch.setattr(builtins, "print", redirected_print)
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.DEBUG):
         with _op_builds_to_log():
             print("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully")
     assert capsys.readouterr().out == ""
