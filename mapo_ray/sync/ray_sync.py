@@ -41,7 +41,7 @@ from collections.abc import Iterable, Mapping
 import ray
 import torch
 from ray.actor import ActorHandle
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import RayActorError
 from ray.util import get_node_ip_address
 
 from mapo_ray.config import SyncConfig
@@ -177,12 +177,11 @@ class RayWeightSync:
             except RayActorError as err:
                 lost.append(refs[ref])
                 died.append(f"{refs[ref]!r} died ({type(err).__name__})")
-            except RayTaskError as err:
-                if isinstance(err.cause, NotInGroupError):  # died and restarted since it joined
-                    lost.append(refs[ref])
-                raised.append(f"{refs[ref]!r} raised {first_line(err.cause or err)}")
             except Exception as err:  # the actor's own exception, wrapped in a RayTaskError
-                raised.append(f"{refs[ref]!r} raised {first_line(getattr(err, 'cause', None) or err)}")
+                actor_error = getattr(err, "cause", None)
+                if isinstance(actor_error, NotInGroupError):  # died and restarted since it joined
+                    lost.append(refs[ref])
+                raised.append(f"{refs[ref]!r} raised {first_line(actor_error or err)}")
         silent = [f"{refs[ref]!r} did not answer within {self.config.timeout_s:g}s" for ref in pending]
         problems = died + raised + silent + ([f"learner {first_line(cause)}"] if cause else [])
         if problems:
