@@ -152,17 +152,22 @@ def checkpoints_to_restore(run_dir: Path, resume_from: str | None, earlier: str 
     ``earlier``, the newest one there when the job started; after a restart), then
     PATH: never a newer folder of the run it goes back in.
     """
-    # Ray Train names them checkpoint_<date>_<time>: name order is the order they were written.
-    folders = sorted((p for p in (run_dir / CHECKPOINTS).glob("checkpoint_*") if p.is_dir()), reverse=True)
+    folders = checkpoint_folders(run_dir)[::-1]
     if resume_from is None:
         return folders
     return [p for p in folders if earlier is None or p.name > earlier] + [Path(resume_from)]
 
 
+def checkpoint_folders(run_dir: Path) -> list[Path]:
+    """The ``checkpoint_*`` folders under ``run_dir/checkpoints``, oldest first: Ray Train
+    names them checkpoint_<date>_<time>, so name order is the order they were written."""
+    return sorted(p for p in (run_dir / CHECKPOINTS).glob("checkpoint_*") if p.is_dir())
+
+
 def newest_checkpoint_name(run_dir: Path) -> str | None:
     """The name of the newest ``checkpoint_*`` folder under ``run_dir/checkpoints``; None if none."""
-    names = [p.name for p in (run_dir / CHECKPOINTS).glob("checkpoint_*") if p.is_dir()]
-    return max(names, default=None)
+    folders = checkpoint_folders(run_dir)
+    return folders[-1].name if folders else None
 
 
 def remove_unregistered(run_dir: Path, registered: list[str]) -> list[Path]:
@@ -179,8 +184,8 @@ def remove_unregistered(run_dir: Path, registered: list[str]) -> list[Path]:
         return []
     newest, known = max(registered), set(registered)
     removed = []
-    for folder in sorted((run_dir / CHECKPOINTS).glob("checkpoint_*")):
-        if folder.is_dir() and folder.name not in known and folder.name < newest:
+    for folder in checkpoint_folders(run_dir):
+        if folder.name not in known and folder.name < newest:
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed
