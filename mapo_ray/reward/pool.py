@@ -4,14 +4,14 @@ Each ``RewardWorker`` is a thin actor around one ``TimedGrader`` (every grading 
 child process with its own time limit). ``RewardPool`` lives in the process that made
 it (in a run, the rollout coordinator on learner rank 0, so the actors die with it
 and a restarted learner starts a fresh pool) and hands out one group per idle actor,
-so a slow group never queues others behind it and each call's deadline (``reward.call_timeout_s``) runs from the moment an actor
-starts on it. When an actor dies, it is replaced and its group is graded again by
-the next idle actor, up to ``reward.max_retries`` times (counted in
-``GroupResult.retries``); a group still unlucky after that gets reward 0
-(``actor_died``). A call that overruns gets reward 0 (``call_timeout``) at once: a
-hanging reward function would hang again, so it costs one time-out, not several.
-Either way the actor is replaced before it gets more work: the pool survives
-anything a reward function does.
+so a slow group never queues others behind it and each call's deadline
+(``reward.call_timeout_s``) runs from the moment an actor starts on it. When an actor
+dies, it is replaced and its group is graded again by the next idle actor, up to
+``reward.max_retries`` times (counted in ``GroupResult.retries``); a group still
+unlucky after that gets reward 0 (``actor_died``). A call that overruns gets reward 0
+(``call_timeout``) at once: a hanging reward function would hang again, so it costs
+one time-out, not several. Either way the actor is replaced before it gets more work:
+the pool survives anything a reward function does.
 """
 
 from __future__ import annotations
