@@ -287,16 +287,6 @@ class Verdict:
     weights_differ: list[str]  # tensor names whose values differ from the reference's
     overhead_s: float
 
-    @property
-    def holds(self) -> bool:
-        return (
-            self.faults_survived == self.faults_injected
-            and self.prompts_lost == 0
-            and self.prompts_scored_twice == 0
-            and not any(self.steps_not_once.values())
-            and not self.weights_differ
-        )
-
 
 def verdict(chaos: Run, reference: Run, steps: int) -> Verdict:
     """Check ``chaos`` against ``reference`` (see the module docstring)."""
